@@ -1,0 +1,72 @@
+"""Holding frozen pretrained networks outside ``state_dict()`` and ``parameters()`` (DESIGN.md §3).
+
+A component that uses a frozen CLIP, DINOv2, VGG or proxy restorer keeps it as a *hidden* attribute:
+it follows the owner through ``.to()``, ``.cuda()``, ``.half()`` and ``.train()``/``.eval()``, is always
+in eval mode with ``requires_grad=False``, yet is not a registered submodule. Checkpoints therefore stay
+small, DDP sees only trainable parameters and never needs ``find_unused_parameters``.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Set ``requires_grad=False`` on every parameter and switch to eval mode, in place."""
+    module.requires_grad_(False)
+    module.eval()
+    return module
+
+
+class FrozenHolder(nn.Module):
+    """Base class for modules that own frozen networks kept out of ``state_dict`` and ``parameters``.
+
+    Use ``self.hold_frozen("name", net)``; afterwards ``self.name`` returns the network.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        object.__setattr__(self, "_frozen_nets", {})
+
+    def hold_frozen(self, name: str, module: nn.Module | None) -> None:
+        if module is None:
+            self._frozen_nets.pop(name, None)
+            return
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{name} must be an nn.Module, got {type(module).__name__}")
+        self._frozen_nets[name] = freeze(module)
+
+    def frozen_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        """``(name, module)`` for each held frozen network, including those of child holders."""
+        for prefix, child in self.named_modules():
+            if isinstance(child, FrozenHolder):
+                for name, net in child._frozen_nets.items():
+                    yield (f"{prefix}.{name}" if prefix else name), net
+
+    def __getattr__(self, name: str):
+        frozen = self.__dict__.get("_frozen_nets")
+        if frozen is not None and name in frozen:
+            return frozen[name]
+        return super().__getattr__(name)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half(), .float() ...
+        for net in self._frozen_nets.values():
+            net._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for net in self._frozen_nets.values():
+            net.eval()  # frozen networks never leave eval mode (BatchNorm/Dropout stay fixed)
+        return self
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Device of the first parameter or buffer of ``module`` (CPU when it has none)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")

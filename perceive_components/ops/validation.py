@@ -1,0 +1,86 @@
+"""Input checks shared by every public entry point (DESIGN.md §3).
+
+Each check names the argument, says what was expected and what came. They run once, at the public
+boundary; internal code trusts its inputs. Value checks (finite, range) cost one fused reduction and
+one host sync per call.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+RANGE_TOLERANCE = 1e-3  # images may overshoot [0, 1] by this much (interpolation ringing, fp error)
+
+
+def check_images(
+    images: object,
+    name: str = "images",
+    *,
+    channels: int | None = 3,
+    value_range: tuple[float, float] | None = (0.0, 1.0),
+    allow_empty: bool = False,
+) -> torch.Tensor:
+    """Validate a batch ``(B, C, H, W)`` of floating-point images and return it unchanged.
+
+    Raises ``TypeError`` for a non-tensor or a non-floating dtype and ``ValueError`` for a wrong rank,
+    channel count, empty batch, non-finite values or values outside ``value_range`` (± RANGE_TOLERANCE).
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor with values in [0, 1], got dtype {images.dtype}"
+            " (convert uint8 images with .float() / 255)"
+        )
+    if images.ndim != 4:
+        raise ValueError(f"{name} must have shape (B, C, H, W), got {images.ndim} dimensions {tuple(images.shape)}")
+    if channels is not None and images.shape[1] != channels:
+        raise ValueError(f"{name} must have {channels} channels (RGB), got shape {tuple(images.shape)}")
+    if images.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(images.shape)})")
+    if images.shape[2] == 0 or images.shape[3] == 0:
+        raise ValueError(f"{name} has an empty spatial size (shape {tuple(images.shape)})")
+    if images.numel():
+        check_values(images, name, value_range=value_range)
+    return images
+
+
+def check_values(
+    tensor: torch.Tensor, name: str, *, value_range: tuple[float, float] | None = (0.0, 1.0)
+) -> None:
+    """Raise ``ValueError`` if ``tensor`` holds NaN/Inf or leaves ``value_range`` by more than the tolerance."""
+    with torch.no_grad():
+        flat = tensor.detach().reshape(-1)
+        low, high = torch.aminmax(flat)
+        stats = torch.stack([low.float(), high.float()]).tolist()  # one host sync
+    low_v, high_v = stats
+    if not (torch.isfinite(torch.tensor(stats)).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+    if value_range is not None:
+        lo, hi = value_range
+        if low_v < lo - RANGE_TOLERANCE or high_v > hi + RANGE_TOLERANCE:
+            raise ValueError(
+                f"{name} must hold values in [{lo:g}, {hi:g}], got min {low_v:.4g} and max {high_v:.4g}"
+                " (scale 8-bit images by 1/255; clamp model outputs)"
+            )
+
+
+def check_same_shape(reference: torch.Tensor, ref_name: str, other: torch.Tensor, other_name: str) -> None:
+    """Raise ``ValueError`` unless ``other`` has exactly the shape of ``reference``."""
+    if tuple(other.shape) != tuple(reference.shape):
+        raise ValueError(
+            f"{other_name} must have the same shape as {ref_name} {tuple(reference.shape)}, got {tuple(other.shape)}"
+        )
+
+
+def check_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value  # type: ignore[return-value]
