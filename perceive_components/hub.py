@@ -71,16 +71,16 @@ def resolve_files(
             ) from error
         except RevisionNotFoundError as error:
             raise FileNotFoundError(f"Hub repo {repo_id_or_dir!r} has no revision {revision!r}") from error
-        except EntryNotFoundError as error:
-            raise FileNotFoundError(
-                f"Hub repo {repo_id_or_dir!r} has no file {name!r}: it is not a perceive-components perceiver "
-                "(expected config.json and model.safetensors)"
-            ) from error
-        except LocalEntryNotFoundError as error:
+        except LocalEntryNotFoundError as error:  # before EntryNotFoundError: it is a subclass
             raise FileNotFoundError(
                 f"{name!r} of {repo_id_or_dir!r} is not in the local Hugging Face cache and downloading is off "
                 "(HF_HUB_OFFLINE=1 or local_files_only=True) or the Hub cannot be reached. Run once with network "
                 f"access (unset HF_HUB_OFFLINE), or `hf download {repo_id_or_dir}`, or pass a local folder."
+            ) from error
+        except EntryNotFoundError as error:
+            raise FileNotFoundError(
+                f"Hub repo {repo_id_or_dir!r} has no file {name!r}: it is not a perceive-components perceiver "
+                "(expected config.json and model.safetensors)"
             ) from error
     return paths
 

@@ -153,23 +153,32 @@ class QualityPerceiver(
     def encode_prompts(self) -> torch.Tensor:
         """Run the frozen text tower on the current context: ``(n_tiers, D)``, L2-normalised."""
         if self.text_encoder_dropped:
-            raise RuntimeError("the text encoder was dropped by freeze_prompts(); prompts can no longer be re-encoded")
+            raise RuntimeError(
+                "the text encoder was dropped by freeze_prompts() and the prompt context changed since (or the "
+                "cache was lost); reload the perceiver to re-encode its prompts"
+            )
         return self.text_encoder(self.prompt_learner(), self.prompt_learner.eot_index)
 
     @property
     def text_encoder_dropped(self) -> bool:
         return "text_encoder" not in self._frozen_nets
 
-    def text_features(self) -> torch.Tensor:
-        """Prompt features ``(n_tiers, D)``: live (with gradient) while the context trains, else cached."""
+    def _ctx_key(self) -> tuple:
         ctx = self.prompt_learner.ctx
-        if ctx.requires_grad and torch.is_grad_enabled():
+        return (ctx.data_ptr(), ctx._version, ctx.device, ctx.dtype)
+
+    def text_features(self) -> torch.Tensor:
+        """Prompt features ``(n_tiers, D)``: live (with gradient) while the context trains, else cached.
+
+        The cache is keyed on the context tensor's identity and version counter, so any optimiser step or
+        ``load_state_dict`` invalidates it.
+        """
+        if self.prompt_learner.ctx.requires_grad and torch.is_grad_enabled():
             return self.encode_prompts()
-        key = (ctx.data_ptr(), ctx._version, ctx.device, ctx.dtype)
-        if self._cached_text is None or self._cache_key != key:
+        if self._cached_text is None or self._cache_key != self._ctx_key():
             with torch.inference_mode(False), torch.no_grad():  # a normal tensor, usable in autograd later
                 self._cached_text = self.encode_prompts()
-            self._cache_key = key
+            self._cache_key = self._ctx_key()
         return self._cached_text
 
     def freeze_prompts(self, drop_text_encoder: bool = True) -> "QualityPerceiver":
@@ -181,11 +190,13 @@ class QualityPerceiver(
         return self.eval()
 
     def _apply(self, fn, recurse: bool = True):
+        fresh = self._cached_text is not None and self._cache_key == self._ctx_key()
         result = super()._apply(fn, recurse)
-        if self._cached_text is not None:  # keep the cache valid on the new device/dtype
+        if fresh:  # move a valid cache along (it may be all that is left once the text tower is dropped)
             self._cached_text = fn(self._cached_text).float()
-            ctx = self.prompt_learner.ctx
-            self._cache_key = (ctx.data_ptr(), ctx._version, ctx.device, ctx.dtype)
+            self._cache_key = self._ctx_key()
+        else:
+            self._cached_text = None
         return result
 
     # ------------------------------------------------------------------ image side
@@ -205,8 +216,11 @@ class QualityPerceiver(
         return F.normalize(features.float(), dim=-1)
 
     def logits_from_features(self, image_features: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """``s · v Tᵀ`` in float32 (also under autocast): ``(B, D)`` features → ``(B, n_tiers)`` logits."""
         scale = self.logit_scale if scale is None else scale
-        return scale * image_features @ self.text_features().t()
+        text = self.text_features()
+        with torch.autocast(image_features.device.type, enabled=False):
+            return scale * image_features.float() @ text.float().t()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Tier logits ``(B, n_tiers)`` (logit scale applied) for images ``(B, 3, H, W)`` in [0, 1]."""
