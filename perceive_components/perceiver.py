@@ -41,6 +41,7 @@ def create_clip(clip_model: str, pretrained: str | None, cache_dir: str | None =
     """
     import open_clip
 
+    pretrained = pretrained or None  # "" from a command line means no pretrained tag
     kwargs: dict[str, Any] = {"pretrained": pretrained, "cache_dir": cache_dir}
     if pretrained and not clip_model.startswith(("hf-hub:", "local-dir:")):
         tag_cfg = open_clip.get_pretrained_cfg(clip_model, pretrained)
@@ -209,11 +210,15 @@ class QualityPerceiver(
         x = images.float()
         clamped = x.clamp(0.0, 1.0)
         x = x + (clamped - x).detach() if straight_through else clamped
-        if tuple(x.shape[-2:]) != self.image_size:
-            x = F.interpolate(x, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
-        x = (x - self.mean) / self.std
+        x = (self.resize(x) - self.mean) / self.std
         features = self.image_encoder(x)
         return F.normalize(features.float(), dim=-1)
+
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """Bicubic (antialiased) resize to the CLIP input size, aspect not kept (SPEC §1.1); no-op if equal."""
+        if tuple(images.shape[-2:]) == self.image_size:
+            return images
+        return F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
 
     def logits_from_features(self, image_features: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """``s · v Tᵀ`` in float32 (also under autocast): ``(B, D)`` features → ``(B, n_tiers)`` logits."""
@@ -241,8 +246,11 @@ class QualityPerceiver(
 
     # ------------------------------------------------------------------ Hub
     def _save_pretrained(self, save_directory: Path) -> None:
-        save_prompt_tensors(self.prompt_learner.ctx, Path(save_directory))
-        (Path(save_directory) / "config.json").write_text(json.dumps(self.config(), indent=2, sort_keys=True))
+        """Write prompts, config and a fresh model card (the card always reflects the current config)."""
+        directory = Path(save_directory)
+        save_prompt_tensors(self.prompt_learner.ctx, directory)
+        (directory / "config.json").write_text(json.dumps(self.config(), indent=2, sort_keys=True))
+        self.generate_model_card().save(directory / "README.md")
 
     def generate_model_card(self, *args, **kwargs):
         return model_card(self.config(), self._hub_mixin_info)

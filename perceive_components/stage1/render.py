@@ -88,7 +88,7 @@ def train_fold_restorer(
         loss.backward()
         optimizer.step()
         scheduler.step()
-        bar.set_postfix(l1=f"{float(loss):.4f}")
+        bar.set_postfix(l1=f"{float(loss.detach()):.4f}")
     return model.eval()
 
 

@@ -1,0 +1,315 @@
+"""The ``perceive-ir`` command: score images with a perceiver and run stage 1 from the shell.
+
+    perceive-ir score IMG… --perceiver ORG/NAME|DIR [--json]
+    perceive-ir stage1 split ROOT --out pairs.jsonl [--folds 2]
+    perceive-ir stage1 render --pairs pairs.jsonl --root ROOT --out DIR --restorer MODULE:FACTORY [...]
+    perceive-ir stage1 gates --triplets DIR/triplets.jsonl --root ROOT [--json]
+    perceive-ir stage1 train-prompts --triplets DIR/triplets.jsonl --root ROOT --out PERCEIVER_DIR [...]
+    perceive-ir stage1 audit --perceiver DIR --triplets DIR/triplets.jsonl --root ROOT [--json] [--record]
+
+Exit codes: 0 success, 1 a failure while running (unreadable file, bad data), 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+EXIT_FAILURE, EXIT_USAGE = 1, 2
+
+
+class CommandError(Exception):
+    """A failure to report as ``perceive-ir: error: …`` with exit code 1."""
+
+
+# ----------------------------------------------------------------------------- helpers
+def _device(name: str | None):
+    import torch
+
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_perceiver(source: str, clip_model: str | None, pretrained: str | None):
+    from .perceiver import QualityPerceiver
+
+    overrides = {}
+    if clip_model:
+        overrides["clip_model"] = clip_model
+        overrides["pretrained"] = pretrained
+    return QualityPerceiver.from_pretrained(source, **overrides)
+
+
+def _factory(spec: str, kwargs_json: str | None) -> Callable:
+    """``package.module:callable`` or ``path/to/file.py:callable`` → a zero-argument model factory."""
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise CommandError(f"--restorer must look like 'module:factory' or 'file.py:factory', got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise CommandError(f"--restorer file {module_name!r} does not exist")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        factory = getattr(module, attr)
+    except (ImportError, AttributeError) as error:
+        raise CommandError(f"--restorer {spec!r} cannot be imported: {error}") from error
+    try:
+        kwargs = json.loads(kwargs_json) if kwargs_json else {}
+    except json.JSONDecodeError as error:
+        raise CommandError(f"--restorer-kwargs is not valid JSON: {error}") from error
+    return lambda: factory(**kwargs)
+
+
+def _print_json(value) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------- score
+def cmd_score(args) -> None:
+    import torch
+
+    from .ops.io import read_image
+
+    device = _device(args.device)
+    perceiver = _load_perceiver(args.perceiver, args.clip_model, args.pretrained).freeze_prompts().to(device)
+    rows = []
+    for start in range(0, len(args.images), args.batch_size):
+        paths = args.images[start : start + args.batch_size]
+        images = []
+        for path in paths:
+            try:
+                images.append(perceiver.resize(read_image(path)[None])[0])
+            except (FileNotFoundError, ValueError) as error:
+                raise CommandError(f"cannot score {path!r}: {error}") from error
+        with torch.no_grad():
+            probs = perceiver.probabilities(torch.stack(images).clamp(0, 1).to(device)).cpu()
+        for path, p in zip(paths, probs):
+            tier = int(p.argmax())
+            rows.append({"image": path, "tier": perceiver.tier_words[tier], "tier_index": tier,
+                         "probabilities": dict(zip(perceiver.tier_words, [round(float(v), 6) for v in p])),
+                         "q": round(float(p @ perceiver.tier_values.cpu()), 6)})
+    if args.json:
+        _print_json(rows)
+        return
+    words = perceiver.tier_words
+    width = max(len("image"), *(len(r["image"]) for r in rows))
+    print(f"{'image':<{width}}  {'tier':<10} " + " ".join(f"p({w})".rjust(max(11, len(w) + 3)) for w in words) + "      q")
+    for r in rows:
+        probs = " ".join(f"{r['probabilities'][w]:.3f}".rjust(max(11, len(w) + 3)) for w in words)
+        print(f"{r['image']:<{width}}  {r['tier']:<10} {probs}  {r['q']:.3f}")
+
+
+# ----------------------------------------------------------------------------- stage 1
+def cmd_split(args) -> None:
+    from .stage1 import assign_folds, scan_pairs, write_jsonl
+
+    rows = assign_folds(scan_pairs(args.root), args.folds)
+    write_jsonl(args.out, rows)
+    sizes = {fold: sum(1 for r in rows if r["fold"] == fold) for fold in range(args.folds)}
+    print(f"wrote {len(rows)} pairs in {args.folds} folds {sizes} to {args.out}")
+
+
+def cmd_render(args) -> None:
+    import torch
+
+    from .stage1 import build_triplets, read_jsonl
+
+    pairs = read_jsonl(args.pairs, required=("degraded", "clean"))
+    manifest = build_triplets(
+        _factory(args.restorer, args.restorer_kwargs), pairs, args.root, args.out, k=args.folds,
+        train_kwargs=dict(steps=args.steps, crop_size=args.crop_size, batch_size=args.batch_size, lr=args.lr,
+                          amp_dtype=torch.bfloat16 if args.bf16 else None),
+        render_kwargs=dict(tile=args.tile or None, overlap=args.overlap), device=_device(args.device),
+    )
+    print(f"wrote {manifest}")
+
+
+def _triplets(args):
+    from .stage1 import TripletImages
+
+    return TripletImages(args.triplets, args.root, args.medium_root)
+
+
+def cmd_gates(args) -> None:
+    from .stage1 import medium_gates
+
+    report = medium_gates(_triplets(args))
+    if args.json:
+        _print_json(report)
+        return
+    print(f"{'task':<12} {'n':>5} {'PSNR improved':>14} {'r in band':>10} {'r median':>9} {'gain dB':>8}  passed")
+    for task, row in [*report["per_task"].items(), ("overall", report["overall"])]:
+        print(f"{task:<12} {row['n']:>5} {row['psnr_improved_rate']:>14.3f} {row['r_in_band_rate']:>10.3f} "
+              f"{row['r_median']:>9.3f} {row['mean_psnr_gain_db']:>8.2f}  {row['passed']}")
+
+
+def cmd_train_prompts(args) -> None:
+    import torch
+
+    from .perceiver import QualityPerceiver
+    from .stage1 import train_prompts
+
+    if args.init:
+        perceiver = QualityPerceiver.from_pretrained(args.init)
+    else:
+        perceiver = QualityPerceiver(clip_model=args.clip_model, pretrained=args.pretrained, n_ctx=args.n_ctx)
+    crop = args.crop_size or perceiver.image_size[0]
+    train_prompts(perceiver, _triplets(args), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                  crop_size=crop, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                  device=_device(args.device), num_workers=args.workers,
+                  amp_dtype=torch.bfloat16 if args.bf16 else None, seed=args.seed)
+    perceiver.save_pretrained(args.out)
+    print(f"saved perceiver prompts to {args.out}")
+
+
+def cmd_audit(args) -> None:
+    from .stage1 import audit_perceiver
+
+    perceiver = _load_perceiver(args.perceiver, args.clip_model, args.pretrained)
+    report = audit_perceiver(perceiver, _triplets(args), views=args.views, device=_device(args.device),
+                             progress=not args.json)
+    if args.record:
+        if not Path(args.perceiver).is_dir():
+            raise CommandError("--record needs --perceiver to be a local folder (the audit is written into it)")
+        perceiver.save_pretrained(args.perceiver)
+    if args.json:
+        _print_json(report)
+        return
+    print(format_audit(report))
+
+
+def format_audit(report: dict) -> str:
+    """The audit as a plain-text table (per task, then overall, then the authors' gate)."""
+    lines = [f"{'task':<12} {'n':>5} {'accuracy':>9} {'strict':>7} {'monotonic':>10} {'q(d/m/g)':>17}"]
+    for task, row in [*report["per_task"].items(), ("overall", report)]:
+        q = "/".join(f"{v:.2f}" for v in row["mean_q"])
+        lines.append(f"{task:<12} {row['n_triplets']:>5} {row['accuracy']:>9.3f} {row['strict']:>7.3f} "
+                     f"{row['monotonic']:>10.3f} {q:>17}")
+    gate = report["gate"]
+    checks = ", ".join(f"{k} {v['value']:.2f}≥{v['threshold']}" for k, v in gate.items() if k != "passed")
+    lines.append(f"authors' gate {'PASSED' if gate['passed'] else 'not passed'}: {checks}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- parser
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _add_perceiver_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--perceiver", required=True, help="Hub repo id (org/name) or folder from save_pretrained")
+    parser.add_argument("--clip-model", help="override the CLIP name recorded in the perceiver config")
+    parser.add_argument("--pretrained", help="override the CLIP weight tag (with --clip-model)")
+
+
+def _add_triplet_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--triplets", required=True, help="triplets.jsonl written by `stage1 render`")
+    parser.add_argument("--root", required=True, help="data root the degraded/clean paths are relative to")
+    parser.add_argument("--medium-root", help="folder the medium paths are relative to (default: the manifest's)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="perceive-ir", description="Perceive-IR components from the shell.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    score = commands.add_parser("score", help="quality tier, probabilities and q for images")
+    score.add_argument("images", nargs="+", metavar="IMAGE")
+    _add_perceiver_args(score)
+    score.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    score.add_argument("--batch-size", type=_positive_int, default=32)
+    score.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    score.set_defaults(func=cmd_score)
+
+    stage1 = commands.add_parser("stage1", help="stage 1: folds, medium images, prompt training, audit")
+    steps = stage1.add_subparsers(dest="stage1_command", required=True, metavar="STEP")
+
+    split = steps.add_parser("split", help="pair ROOT/<task>/{degraded,clean} images and assign K folds")
+    split.add_argument("root")
+    split.add_argument("--out", required=True, help="pairs manifest to write (.jsonl)")
+    split.add_argument("--folds", type=_positive_int, default=2)
+    split.set_defaults(func=cmd_split)
+
+    render = steps.add_parser("render", help="train fold restorers and render medium images")
+    render.add_argument("--pairs", required=True)
+    render.add_argument("--root", required=True)
+    render.add_argument("--out", required=True)
+    render.add_argument("--restorer", required=True, help="model factory: 'module:callable' or 'file.py:callable'")
+    render.add_argument("--restorer-kwargs", help="JSON keyword arguments for the factory")
+    render.add_argument("--folds", type=_positive_int, default=2)
+    render.add_argument("--steps", type=_positive_int, default=20_000)
+    render.add_argument("--crop-size", type=_positive_int, default=128)
+    render.add_argument("--batch-size", type=_positive_int, default=4)
+    render.add_argument("--lr", type=float, default=2e-4)
+    render.add_argument("--tile", type=int, default=512, help="tile size (0: whole images)")
+    render.add_argument("--overlap", type=int, default=32)
+    render.add_argument("--bf16", action="store_true")
+    render.add_argument("--device")
+    render.set_defaults(func=cmd_render)
+
+    gates = steps.add_parser("gates", help="per-task sanity gates of the medium images")
+    _add_triplet_args(gates)
+    gates.add_argument("--json", action="store_true")
+    gates.set_defaults(func=cmd_gates)
+
+    train = steps.add_parser("train-prompts", help="learn the tier prompts on triplets")
+    _add_triplet_args(train)
+    train.add_argument("--out", required=True, help="folder for the trained perceiver (save_pretrained)")
+    train.add_argument("--clip-model", default="ViT-B-32-quickgelu")
+    train.add_argument("--pretrained", default="openai")
+    train.add_argument("--n-ctx", type=_positive_int, default=16)
+    train.add_argument("--init", help="start from this perceiver (repo id or folder) instead of fresh prompts")
+    train.add_argument("--steps", type=_positive_int, default=100_000)
+    train.add_argument("--batch-size", type=_positive_int, default=32)
+    train.add_argument("--lr", type=float, default=4e-5)
+    train.add_argument("--crop-size", type=_positive_int, help="default: the CLIP input size")
+    train.add_argument("--checkpoint", help="resumable state file")
+    train.add_argument("--checkpoint-every", type=_positive_int, default=500)
+    train.add_argument("--workers", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--bf16", action="store_true")
+    train.add_argument("--device")
+    train.set_defaults(func=cmd_train_prompts)
+
+    audit = steps.add_parser("audit", help="tier accuracy, strict and monotonic rates per task")
+    _add_perceiver_args(audit)
+    _add_triplet_args(audit)
+    audit.add_argument("--views", choices=("five", "center", "whole"), default="five")
+    audit.add_argument("--json", action="store_true")
+    audit.add_argument("--record", action="store_true", help="write the audit into the perceiver folder")
+    audit.add_argument("--device")
+    audit.set_defaults(func=cmd_audit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except (CommandError, FileNotFoundError, ValueError, TypeError, RuntimeError, OSError) as error:
+        print(f"perceive-ir: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
