@@ -63,7 +63,8 @@ def read_checkpoint_file(path: str | os.PathLike) -> Mapping[str, Any]:
                 " to unpickle, and we never unpickle arbitrary objects. Re-save its tensors as a plain state dict"
                 " (or {'params': state_dict}) in an environment you trust."
             ) from error
-        raise CheckpointError(f"cannot read {str(path)!r}: not a PyTorch checkpoint ({error})") from error
+        raise CheckpointError(f"cannot read {str(path)!r}: truncated or not a PyTorch checkpoint (the unpickler"
+                              " met invalid data)") from error
     except Exception as error:  # a damaged file can fail anywhere inside the unpickler
         raise CheckpointError(f"cannot read {str(path)!r}: truncated or not a PyTorch checkpoint"
                               f" ({type(error).__name__}: {error})") from error
