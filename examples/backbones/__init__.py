@@ -7,14 +7,10 @@
 
 Registered names (``list_backbones()``):
 
-==================  =========================================================  ===========  =============
-name                what                                                        parameters   upstream code
-==================  =========================================================  ===========  =============
-restormer           Restormer, upstream default config                          26,126,644   non-commercial
-nafnet              NAFNet, SIDD width-32 config                                29,159,715   MIT
-promptir            PromptIR, released all-in-one config (prompt decoder)       35,592,263   non-commercial
-<name>-tiny         the same architecture at a few ten thousand parameters      < 100,000
-==================  =========================================================  ===========  =============
+- ``restormer``: Restormer (CVPR 2022), upstream default config, 26,126,644 parameters
+- ``nafnet``: NAFNet (ECCV 2022), SIDD width-32 config, 29,159,715 parameters
+- ``promptir``: PromptIR (NeurIPS 2023), released all-in-one config, 35,592,263 parameters
+- ``<name>-tiny``: the same architecture at under 100,000 parameters, for tests and CPU demos
 
 The paper's own network (SPEC.md §3.4) will live in ``perceive_ir_net.py`` and register itself here with
 ``register_backbone`` once the library's PGCA/ETB/PGM/CFE modules exist; it is not part of this package yet.
