@@ -53,7 +53,9 @@ def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     """Load a state written by ``save_state`` with ``weights_only=True`` (no arbitrary unpickling)."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, ValueError) as error:
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # truncated/garbage files raise anything from EOFError to IndexError
         raise ValueError(f"{path} is not a readable checkpoint (truncated or not written by this library): {error}") from error
 
 

@@ -1,8 +1,9 @@
 """Whole-image inference for any restorer: pad to a multiple, or tile with overlap and blend.
 
 Memory stays bounded by one tile batch: tiles of ``tile × tile`` (stride ``tile − overlap``) run through
-the model ``tile_batch`` at a time and are blended with weights that ramp linearly across each overlap,
-so seams vanish. Images no larger than a tile run whole (after padding to ``multiple``).
+the model ``tile_batch`` at a time and are blended with weights that are zero in a margin of
+``overlap // 4`` at each inner tile edge and ramp linearly across the rest of the overlap, so seams
+vanish and a model whose receptive field fits in the margin gives exactly its whole-image result. Images no larger than a tile run whole (after padding to ``multiple``).
 """
 from __future__ import annotations
 
@@ -37,9 +38,15 @@ def _starts(length: int, tile: int, stride: int) -> list[int]:
 
 
 def _ramp(length: int, overlap: int, at_start: bool, at_end: bool, device, dtype) -> torch.Tensor:
+    """Blend weights along one tile axis: 0 in a margin of overlap/4 at each inner edge, then a linear rise.
+
+    A pixel only takes weight from tiles where it lies at least ``overlap // 4`` pixels from an inner
+    tile edge, so a model whose receptive-field radius fits in that margin is reproduced exactly.
+    """
     ramp = torch.ones(length, device=device, dtype=dtype)
     if overlap > 0:
-        rise = (torch.arange(overlap, device=device, dtype=dtype) + 0.5) / overlap
+        margin = overlap // 4
+        rise = ((torch.arange(overlap, device=device, dtype=dtype) - margin + 0.5) / (overlap - 2 * margin)).clamp(0, 1)
         if not at_start:
             ramp[:overlap] = rise
         if not at_end:
