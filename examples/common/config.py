@@ -38,6 +38,7 @@ class TrainConfig:
     device: str = _opt("auto", "'auto', 'cpu', 'cuda' (torchrun: cuda:LOCAL_RANK)")
     deterministic: bool = _opt(False, "deterministic kernels (bit-exact resume on GPU; slower)")
     tensorboard: bool = _opt(True, "write TensorBoard event files")
+    plots: bool = _opt(True, "redraw curves.png (matplotlib) at every validation and at the end")
     val_max_images: int = _opt(0, "validate on at most N images per set (0 = all)")
     num_grids: int = _opt(4, "sample grids saved per validation set")
 

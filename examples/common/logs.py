@@ -20,17 +20,18 @@ logger = logging.getLogger(__name__)
 NOT_PLOTTED = {"step", "epoch", "skipped", "sec_per_step"}
 
 
-def read_rows(path: Path) -> list[dict[str, float]]:
-    """The complete rows of a log CSV as floats (rows cut short by a crash are skipped)."""
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The complete rows of a log CSV, as written (rows cut short by a crash are skipped)."""
     if not path.is_file():
         return []
     rows = []
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
             try:
-                rows.append({key: float(value) for key, value in row.items()})
+                [float(value) for value in row.values()]
             except (TypeError, ValueError):
                 continue
+            rows.append(row)
     return rows
 
 
@@ -43,13 +44,14 @@ class CsvLog:
 
     def __init__(self, path: Path, resume_step: int) -> None:
         self.path = path
-        self.rows = [row for row in read_rows(path) if row["step"] <= resume_step]
-        self.fields: list[str] | None = list(self.rows[0]) if self.rows else None
+        kept = [row for row in read_rows(path) if int(row["step"]) <= resume_step]
+        self.fields: list[str] | None = list(kept[0]) if kept else None
         with atomic_write(path) as tmp, open(tmp, "w", newline="") as handle:
             if self.fields:
                 writer = csv.DictWriter(handle, self.fields)
                 writer.writeheader()
-                writer.writerows({k: _format(v) for k, v in row.items()} for row in self.rows)
+                writer.writerows(kept)
+        self.rows = [{k: float(v) for k, v in row.items()} for row in kept]
 
     def append(self, row: Mapping[str, Any]) -> None:
         if self.fields is None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import time
 import warnings
 from pathlib import Path
@@ -253,7 +254,7 @@ class Trainer:
                 if (cfg.val_every and self.step % cfg.val_every == 0) or last:
                     if self.val_sets:
                         metrics = self._validate()
-                    if env.is_main:
+                    if env.is_main and cfg.plots:
                         self.log.plot()
             self._export_weights()
         finally:
@@ -282,7 +283,7 @@ class Trainer:
                 self.ema.update(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():  # a skipped first step calls the scheduler before the optimiser
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
         return values, ["loss", *terms, "grad_norm"], lr
 
