@@ -28,6 +28,16 @@ CHILD = Path(__file__).with_name("train_child.py")
 
 
 # ------------------------------------------------------------------------------------------ helpers
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, like the child processes: the tensors are tiny, and on a shared 2-core machine two
+    spinning OpenMP threads make them several times slower. The exact-resume comparison relies on it too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class RandomPairs(torch.utils.data.Dataset):
     """Items {'degraded', 'target'} (3×8×8) drawn from the generator the sampler gives (``sample``)."""
 
@@ -176,16 +186,11 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses_step_for_step(t
     run_child(args, tmp_path / "run2.log")
     assert not list((resumed / "checkpoints").glob("*.tmp"))
 
-    # the same run without interruption, here (single thread, like the child), with no DataLoader worker
+    # the same run without interruption, here (one thread, like the child), with no DataLoader worker
     monkeypatch.syspath_prepend(str(ROOT / "examples"))
     import train_plain
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train_plain.main([*common, "--out-dir", str(reference), "--workers", "0", "--no-tensorboard"])
-    finally:
-        torch.set_num_threads(threads)
+    train_plain.main([*common, "--out-dir", str(reference), "--workers", "0", "--no-tensorboard", "--no-plots"])
 
     ref_rows, new_rows = read_csv(reference / "train_log.csv"), read_csv(resumed / "train_log.csv")
     assert [int(r["step"]) for r in new_rows] == list(range(1, 13))
@@ -269,14 +274,15 @@ def test_a_checkpoint_of_another_model_gives_a_clear_error(tmp_path):
         Trainer(tiny_model(4), RandomPairs(), l1, config(tmp_path, steps=4, resume="never")).fit()
 
 
-def test_in_process_resume_continues_the_same_run(tmp_path):
+def test_in_process_resume_continues_the_same_run_in_bf16_with_clipping(tmp_path):
+    settings = dict(steps=6, ema_decay=0.5, bf16=True, grad_clip=0.01)
     full = tmp_path / "full"
-    Trainer(tiny_model(), RandomPairs(), l1, config(full, steps=6, ema_decay=0.5)).fit()
+    Trainer(tiny_model(), RandomPairs(), l1, config(full, **settings)).fit()
     split = tmp_path / "split"
-    Trainer(tiny_model(), RandomPairs(), l1, config(split, steps=6, ema_decay=0.5, ckpt_every=3)).fit()
+    Trainer(tiny_model(), RandomPairs(), l1, config(split, ckpt_every=3, **settings)).fit()
     # rewind the split run to its step-3 checkpoint and finish it again from there
     (split / "run" / "checkpoints" / "latest").write_text("step_00000003.pt\n")
-    Trainer(tiny_model(), RandomPairs(), l1, config(split, steps=6, ema_decay=0.5, ckpt_every=3)).fit()
+    Trainer(tiny_model(), RandomPairs(), l1, config(split, ckpt_every=3, **settings)).fit()
     def without_timing(path):
         return [{k: v for k, v in row.items() if k != "sec_per_step"} for row in read_csv(path)]
 
