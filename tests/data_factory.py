@@ -9,7 +9,8 @@ from perceive_components.ops.io import write_image
 
 # relative paths of (degraded, clean) per task, in the naming of each standard data set
 PAIRS = {
-    "haze": [("haze/hazy/0001_0.8_0.2.png", "haze/clean/0001.png"), ("haze/hazy/0002_0.9_0.1.png", "haze/clean/0002.png")],
+    "haze": [("haze/hazy/0001_0.8_0.2.png", "haze/clean/0001.png"),  # OTS: hazy in part folders, clean flat
+             ("haze/hazy/part2/0002_0.9_0.1.png", "haze/clean/0002.png")],
     "rain": [("rain/rainy/rain-1.png", "rain/clean/norain-1.png"), ("rain/rainy/rain-2.png", "rain/clean/norain-2.png")],
     "blur": [("blur/blurry/GOPR0001/000001.png", "blur/sharp/GOPR0001/000001.png")],
     "lowlight": [("lowlight/low/1.png", "lowlight/high/1.png")],

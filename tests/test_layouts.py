@@ -52,8 +52,8 @@ def test_items_are_aligned_crops_with_records_that_recut_the_source(five_task_ro
         assert torch.equal(item["target"], crop_flip(clean, item["box"], item["flip"]))
         assert torch.equal(item["positive"], crop_flip(source, item["positive_box"], item["positive_flip"]))
         assert torch.equal(dataset.degraded_image(item["path"]), source)  # what a render cache would render
-    haze = draw(dataset, 36)
-    assert haze["path"] == "haze/hazy/0001_0.8_0.2.png" and dataset.locate(36).clean.name == "0001.png"
+    assert draw(dataset, 36)["path"] == "haze/hazy/0001_0.8_0.2.png" and dataset.locate(36).clean.name == "0001.png"
+    assert draw(dataset, 37)["path"] == "haze/hazy/part2/0002_0.9_0.1.png" and dataset.locate(37).clean.name == "0002.png"
     batch = torch.utils.data.default_collate([draw(dataset, 36, s) for s in range(3)])
     assert batch["degraded"].shape == (3, 3, 16, 16) and batch["box"].shape == (3, 4) and batch["flip"].dtype == torch.bool
 
@@ -135,7 +135,7 @@ def test_missing_pieces_are_all_listed(tmp_path, five_task_root):
     partial = make_layout(tmp_path / "partial", tasks=("noise", "haze", "rain"), splits=("train",))
     (partial / "train" / "rain" / "clean" / "norain-2.png").unlink()
     (partial / "train" / "haze" / "hazy" / "0001_0.8_0.2.png").unlink()
-    (partial / "train" / "haze" / "hazy" / "0002_0.9_0.1.png").unlink()
+    (partial / "train" / "haze" / "hazy" / "part2" / "0002_0.9_0.1.png").unlink()
     with pytest.raises(LayoutError) as info:
         AllInOneTrainSet(partial, "5task")
     message = str(info.value)

@@ -4,7 +4,8 @@ Every task keeps its images under ``<split>/<task>/<degraded folder>`` and ``<sp
 folder>`` (noise has clean images only: its degraded inputs are synthesised). A degraded image is paired
 with the clean image of the same relative path (suffix ignored), or by the naming rule of its data set:
 
-- RESIDE (OTS/SOTS): ``0001_0.8_0.2.jpg`` → ``0001.*``       (the id before the first ``_``)
+- RESIDE (OTS/SOTS): ``[part1/]0001_0.8_0.2.jpg`` → ``[part1/]0001.*``  (the id before the first ``_``;
+  the clean folder may also be flat)
 - Rain100L:          ``rain-001.png``     → ``norain-001.*``
 
 Anything missing is collected and reported at once in a ``LayoutError`` that lists every problem.
@@ -30,13 +31,15 @@ def _same_stem(stem: PurePosixPath) -> list[PurePosixPath]:
 
 
 def _reside_stem(stem: PurePosixPath) -> list[PurePosixPath]:
-    return [stem, stem.with_name(stem.name.split("_")[0])]
+    """Same path, then the id in the same subfolder, then the id at the top (OTS: part1/0001_… → 0001)."""
+    scene = stem.name.split("_")[0]
+    return [stem, stem.with_name(scene), PurePosixPath(scene)]
 
 
 def _rain100l_stem(stem: PurePosixPath) -> list[PurePosixPath]:
     candidates = [stem]
     if stem.name.startswith("rain"):
-        candidates.append(stem.with_name("no" + stem.name))
+        candidates += [stem.with_name("no" + stem.name), PurePosixPath("no" + stem.name)]
     return candidates
 
 
