@@ -46,11 +46,12 @@ class CsvLog:
         self.path = path
         kept = [row for row in read_rows(path) if int(row["step"]) <= resume_step]
         self.fields: list[str] | None = list(kept[0]) if kept else None
-        with atomic_write(path) as tmp, open(tmp, "w", newline="") as handle:
-            if self.fields:
-                writer = csv.DictWriter(handle, self.fields)
-                writer.writeheader()
-                writer.writerows(kept)
+        if path.exists():
+            with atomic_write(path) as tmp, open(tmp, "w", newline="") as handle:
+                if self.fields:
+                    writer = csv.DictWriter(handle, self.fields)
+                    writer.writeheader()
+                    writer.writerows(kept)
         self.rows = [{k: float(v) for k, v in row.items()} for row in kept]
 
     def append(self, row: Mapping[str, Any]) -> None:
