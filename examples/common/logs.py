@@ -72,6 +72,7 @@ class RunLog:
 
     def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool = True) -> None:
         self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
         self.train = CsvLog(out_dir / "train_log.csv", resume_step)
         self.val = CsvLog(out_dir / "val_log.csv", resume_step)
         self.writer = None
