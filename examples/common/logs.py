@@ -9,14 +9,12 @@ dropped, and so are TensorBoard events (``purge_step``); a row cut short by a cr
 from __future__ import annotations
 
 import csv
-import logging
 import math
 from pathlib import Path
 from typing import Any, Mapping
 
 from perceive_components.ops.checkpoint import atomic_write
 
-logger = logging.getLogger(__name__)
 NOT_PLOTTED = {"step", "epoch", "skipped", "sec_per_step"}
 
 
@@ -97,8 +95,11 @@ class RunLog:
                 self.writer.add_scalar(f"{prefix}/{key}", float(value), int(row["step"]))
         self.writer.flush()
 
-    def plot(self) -> Path:
-        """Write ``curves.png``: every logged term and the lr against the step, and validation metrics."""
+    def plot(self) -> Path | None:
+        """Write ``curves.png``: every logged term and the lr against the step, and validation metrics
+        (nothing before the first logged row)."""
+        if not (self.train.rows or self.val.rows):
+            return None
         return plot_curves(self.train.rows, self.val.rows, self.out_dir / "curves.png")
 
     def close(self) -> None:

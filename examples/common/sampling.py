@@ -61,6 +61,10 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
             raise ValueError(f"start_batch must be in [0, {self.steps_per_epoch}), got {start_batch}")
         self.epoch, self.start_batch = epoch, start_batch
 
+    def set_epoch(self, epoch: int) -> None:
+        """``DistributedSampler``-style: start ``epoch`` from its first batch."""
+        self.set_position(epoch, 0)
+
     def position(self, step: int) -> tuple[int, int]:
         """(epoch, batch within the epoch) after ``step`` global batches."""
         return divmod(step, self.steps_per_epoch)

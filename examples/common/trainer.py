@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
+import random
 import re
 import time
 import warnings
@@ -69,8 +71,6 @@ def move_to(batch: Any, device: torch.device) -> Any:
 
 def seed_process(seed: int, rank: int) -> None:
     """Seed Python, NumPy and torch (all devices) for process ``rank`` of a run with ``seed``."""
-    import random
-
     mixed = int(np.random.SeedSequence([seed, rank, 7]).generate_state(1, dtype=np.uint64)[0] >> 1)
     random.seed(mixed)
     np.random.seed(mixed % 2**32)
@@ -104,8 +104,6 @@ class Trainer:
     def _build(self, env: DistEnv) -> None:
         cfg = self.config
         if cfg.deterministic:
-            import os
-
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         self.env = env
