@@ -88,11 +88,13 @@ class TripletImages(Dataset):
     """Triplets listed in a manifest written by :func:`render_medium` (images read from disk).
 
     ``degraded``/``clean`` paths are relative to ``data_root``; ``medium`` paths to ``medium_root``
-    (default: the manifest's folder).
+    (default: the manifest's folder). ``folds`` keeps only those folds; ``in_memory`` keeps decoded
+    images after the first read (small data sets: no PNG decoding per step).
     """
 
     def __init__(self, manifest: str | os.PathLike, data_root: str | os.PathLike,
-                 medium_root: str | os.PathLike | None = None, folds: Sequence[int] | None = None) -> None:
+                 medium_root: str | os.PathLike | None = None, folds: Sequence[int] | None = None,
+                 in_memory: bool = False) -> None:
         rows = read_jsonl(manifest, required=("degraded", "medium", "clean"))
         if folds is not None:
             rows = [row for row in rows if row.get("fold") in set(folds)]
@@ -100,18 +102,24 @@ class TripletImages(Dataset):
         self.data_root = Path(data_root)
         self.medium_root = Path(medium_root) if medium_root is not None else Path(manifest).parent
         self.tasks = [str(row.get("task", "all")) for row in rows]
+        self._cache: dict[int, dict] | None = {} if in_memory else None
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
         row = self.rows[index]
-        return {
+        item = {
             "low": read_image(self.data_root / row["degraded"]),
             "medium": read_image(self.medium_root / row["medium"]),
             "high": read_image(self.data_root / row["clean"]),
             "task": self.tasks[index],
         }
+        if self._cache is not None:
+            self._cache[index] = item
+        return item
 
 
 class PairImages(Dataset):

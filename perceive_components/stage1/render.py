@@ -11,6 +11,7 @@ rendered are skipped. The result is a triplet manifest (JSON Lines, relative pat
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -126,6 +127,21 @@ def render_medium(
     return triplets
 
 
+def _check_settings(path: Path, settings: dict) -> None:
+    """Refuse to resume fold models that were trained on other data or with other settings."""
+    if path.is_file():
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        if previous != settings:
+            changed = sorted(key for key in settings if previous.get(key) != settings[key])
+            raise ValueError(
+                f"{path.parent} holds fold models trained with other settings ({', '.join(changed)} changed); "
+                "use a new output folder, or delete that folder to retrain"
+            )
+        return
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(settings, indent=1), encoding="utf-8")
+
+
 def build_triplets(
     factory: Callable[[], nn.Module],
     pairs: Sequence[dict],
@@ -142,7 +158,8 @@ def build_triplets(
 
     ``pairs`` are dicts with relative ``degraded``, ``clean`` and ``task`` (see ``manifest.scan_pairs``);
     folds come from the clean path. Fold models are saved as ``out_dir/folds/fold<k>.safetensors`` and
-    reused when present (resume).
+    reused when present (resume); ``out_dir/folds/settings.json`` records the pairs, K and training
+    settings, and a run with different ones is refused instead of silently reusing stale models.
     """
     from safetensors.torch import load_file, save_file
 
@@ -151,6 +168,10 @@ def build_triplets(
         raise ValueError("k must be at least 2: each fold is rendered by a model trained on the others")
     out_dir = Path(out_dir)
     rows = assign_folds(list(pairs), k)
+    _check_settings(out_dir / "folds" / "settings.json", {
+        "k": k, "pairs": sorted(row["degraded"] for row in rows),
+        "train": {key: str(value) for key, value in sorted((train_kwargs or {}).items())},
+    })
     write_jsonl(out_dir / "pairs.jsonl", rows)
     triplets = []
     for fold in range(k):
