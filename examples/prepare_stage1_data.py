@@ -29,7 +29,8 @@ same path; RESIDE ``0001_0.8_0.2.jpg`` → ``0001``; Rain100L ``rain-12`` → ``
 Output names: a clean image becomes ``<task>/clean/<id><suffix>`` with ``id`` its relative path with ``/``
 replaced by ``-`` (noise: prefixed by its source folder name, e.g. ``BSD400-test_001``); its degraded image
 ``<task>/degraded/<id><suffix>``, or ``<id>_<variant>`` when one clean image has several (OTS, noise levels
-``<id>_s15``). Noise is synthesised once, ``y = clamp(x + σ/255 · n)`` rounded to 8-bit PNG, with a
+``<id>_s15``; ``--sigma-mode cycle`` gives each clean image one level, cycling over the images, as the
+authors' stage 1 does). Noise is synthesised once, ``y = clamp(x + σ/255 · n)`` rounded to 8-bit PNG, with a
 generator seeded by a hash of the output path (``--noise-seed`` salts it): re-running gives the same files,
 and existing outputs are kept. The result is checked with ``scan_pairs``.
 
@@ -88,7 +89,8 @@ def _same(stem: PurePosixPath) -> list[PurePosixPath]:
 
 
 def _reside(stem: PurePosixPath) -> list[PurePosixPath]:
-    return [stem, stem.with_name(stem.name.split("_")[0])]
+    scene = stem.name.split("_")[0]
+    return [stem, stem.with_name(scene), PurePosixPath(scene)]  # the last one: hazy images in shard sub-folders
 
 
 def _rain(stem: PurePosixPath) -> list[PurePosixPath]:
@@ -159,13 +161,15 @@ def _limited(items: list, limit: int) -> list:
     return items[:limit] if limit > 0 else items
 
 
-def plan_noise(folders: Sequence[Path], sigmas: Sequence[int], limit: int, problems: list[str]) -> list[Planned]:
-    """Clean links under ``noise/clean`` and one noisy PNG per clean image and σ under ``noise/degraded``."""
+def plan_noise(folders: Sequence[Path], sigmas: Sequence[int], limit: int, problems: list[str],
+               sigma_mode: str = "all") -> list[Planned]:
+    """Clean links under ``noise/clean`` and noisy PNGs under ``noise/degraded``: one per clean image and σ
+    (``sigma_mode='all'``), or one per clean image with σ cycling over the images (``'cycle'``, the authors')."""
     names = [folder.name for folder in folders]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         problems.append(f"noise: clean folders must have distinct names (they prefix the file names), got {names}")
-    planned = []
+    planned, index = [], 0
     for folder in folders:
         images = _limited(list_images(folder), limit)
         if not images:
@@ -174,12 +178,15 @@ def plan_noise(folders: Sequence[Path], sigmas: Sequence[int], limit: int, probl
             clean_id = f"{folder.name}-{_flat_id(_relative_stem(path, folder))}"
             clean_target = f"noise/clean/{clean_id}{path.suffix.lower()}"
             planned.append(Planned(clean_target, path))
+            levels = sigmas if sigma_mode == "all" else [sigmas[index % len(sigmas)]]
             planned += [Planned(f"noise/degraded/{clean_id}_s{sigma}.png", path, sigma, clean_target)
-                        for sigma in sigmas]
+                        for sigma in levels]
+            index += 1
     return planned
 
 
-def plan_paired(spec: PairedTask, degraded_dir: Path, clean_dir: Path, limit: int, problems: list[str]) -> list[Planned]:
+def plan_paired(spec: PairedTask, degraded_dir: Path, clean_dir: Path, limit: int,
+                problems: list[str]) -> list[Planned]:
     """Links of the degraded and clean images of one task, renamed so that ``scan_pairs`` pairs them."""
     same_folder = degraded_dir.resolve() == clean_dir.resolve()
     clean_files, degraded_files = list_images(clean_dir), list_images(degraded_dir)
@@ -203,8 +210,8 @@ def plan_paired(spec: PairedTask, degraded_dir: Path, clean_dir: Path, limit: in
             groups[match].append((stem, path))
     if orphans:
         shown = ", ".join(orphans[:5]) + (", …" if len(orphans) > 5 else "")
-        problems.append(f"{spec.task}: {len(orphans)} of {len(degraded_files)} degraded images in {degraded_dir} have no "
-                        f"clean partner in {clean_dir}: {shown}")
+        problems.append(f"{spec.task}: {len(orphans)} of {len(degraded_files)} degraded images in {degraded_dir} "
+                        f"have no clean partner in {clean_dir}: {shown}")
     if not degraded_files or not clean_files:
         problems.append(f"{spec.task}: no {'degraded' if not degraded_files else 'clean'} images found "
                         f"(degraded folder {degraded_dir}, clean folder {clean_dir})")
@@ -255,7 +262,7 @@ def plan(args: argparse.Namespace) -> list[Planned]:
     planned = []
     for task in tasks:
         if task == "noise":
-            planned += plan_noise(folders[task], args.sigmas, args.limit, problems)
+            planned += plan_noise(folders[task], args.sigmas, args.limit, problems, args.sigma_mode)
         else:
             planned += plan_paired(PAIRED_TASKS[task], *folders[task], args.limit, problems)
     if problems:
@@ -306,8 +313,6 @@ def place(source: Path, target: Path, mode: str) -> bool:
 
 def prepare(args: argparse.Namespace) -> dict[str, int]:
     """Plan, write and check the layout; returns the number of pairs per task."""
-    if args.mode not in MODES:
-        raise ValueError(f"--mode must be one of {MODES}, got {args.mode!r}")
     if any(s <= 0 for s in args.sigmas):
         raise ValueError(f"--sigmas must be positive noise levels on the 0-255 scale, got {args.sigmas}")
     planned = plan(args)
@@ -334,8 +339,8 @@ def check_layout(out: Path, planned: Sequence[Planned]) -> dict[str, int]:
                          "use an empty --out folder for each preparation")
     wrong = sorted(k for k in expected if found.get(k) != expected[k])
     if wrong:  # only possible with unusual names (a clean id that looks like '<other id>_<variant>')
-        raise ValueError(f"scan_pairs pairs {len(wrong)} prepared image(s) differently than planned, e.g. {wrong[0]} -> "
-                         f"{found.get(wrong[0])} instead of {expected[wrong[0]]}; rename the source files")
+        raise ValueError(f"scan_pairs pairs {len(wrong)} prepared image(s) differently than planned, e.g. "
+                         f"{wrong[0]} -> {found.get(wrong[0])} instead of {expected[wrong[0]]}: rename the sources")
     counts: dict[str, int] = defaultdict(int)
     for pair in pairs:
         counts[pair["task"]] += 1
@@ -365,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  f"{spec.defaults['test'][1]})")
     parser.add_argument("--sigmas", nargs="+", type=int, default=list(NOISE_SIGMAS),
                         help="noise levels on the 0-255 scale, one noisy image per clean image and level")
+    parser.add_argument("--sigma-mode", choices=("all", "cycle"), default="all",
+                        help="all: one noisy image per clean image and level; cycle: one per clean image, the level "
+                             "cycling over the sorted images (the authors' stage 1)")
     parser.add_argument("--noise-seed", type=int, default=0, help="salt of the per-file noise seeds")
     parser.add_argument("--limit", type=int, default=0,
                         help="use only the first N clean images per source folder / task (0 = all), for trial runs")

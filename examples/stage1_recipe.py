@@ -214,7 +214,8 @@ def format_gates(report: dict) -> str:
 
 
 def format_audit(report: dict) -> str:
-    lines = ["| task | triplets | accuracy | acc. terrible / mediocre / excellent | strict | monotonic | mean q (d/m/g) |",
+    lines = ["| task | triplets | accuracy | acc. terrible / mediocre / excellent | strict | monotonic "
+             "| mean q (d/m/g) |",
              "|---|---|---|---|---|---|---|"]
     for task, row in [*report["per_task"].items(), ("overall", report)]:
         tiers = " / ".join(f"{v:.3f}" for v in row["accuracy_per_tier"])
@@ -263,7 +264,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if failed:
         log.warning("medium-image gates not passed for %s: the tiers may be poorly separated", failed)
         if args.require_gates:
-            raise ValueError(f"medium-image gates not passed for task(s) {failed} (--require-gates); see {out}/gates.json")
+            raise ValueError(f"medium-image gates not passed for task(s) {failed} (--require-gates); "
+                             f"see {out}/gates.json")
     if args.only_medium:
         return finish(out, sections, report)
 

@@ -29,7 +29,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _write_set(raw: Path, generator: torch.Generator, task: str | None, pairs: list[tuple[str, tuple[str, ...]]]) -> None:
+def _write_set(raw: Path, generator: torch.Generator, task: str | None,
+               pairs: list[tuple[str, tuple[str, ...]]]) -> None:
     """Write clean images and, for ``task``, degraded versions of each at the given paths under ``raw``."""
     clean = smooth_images(len(pairs), SIZE, generator)
     for index, (clean_path, degraded_paths) in enumerate(pairs):
@@ -46,15 +47,16 @@ def raw_root(tmp_path_factory) -> Path:
     _write_set(raw, g, None, [(f"BSD400/test_{i:03d}.png", ()) for i in range(3)])
     _write_set(raw, g, None, [(f"WED/pristine_images/{i:05d}.bmp", ()) for i in range(3)])
     _write_set(raw, g, None, [(f"CBSD68/{i}.png", ()) for i in range(2)])
-    _write_set(raw, g, "haze", [(f"OTS/clear/{i:04d}.png", (f"OTS/hazy/{i:04d}_0.8_0.2.png", f"OTS/hazy/{i:04d}_0.9_0.1.png"))
-                                for i in range(3)])  # OTS: several hazy versions of one clear image
-    _write_set(raw, g, "haze", [(f"SOTS/outdoor/clear/{i:04d}.png", (f"SOTS/outdoor/hazy/{i:04d}_0.8_0.2.png",))
-                                for i in range(2)])
+    # OTS: several hazy versions of one clear image; SOTS: hazy images in shard sub-folders, clear ones flat
+    _write_set(raw, g, "haze", [(f"OTS/clear/{i:04d}.png", (f"OTS/hazy/{i:04d}_0.8_0.2.png",
+                                                             f"OTS/hazy/{i:04d}_0.9_0.1.png")) for i in range(3)])
+    _write_set(raw, g, "haze", [(f"SOTS/outdoor/clear/{i:04d}.png",
+                                 (f"SOTS/outdoor/hazy/part{i}/{i:04d}_0.8_0.2.png",)) for i in range(2)])
     for split, count in (("train", 4), ("test", 2)):
-        _write_set(raw, g, "rain", [(f"Rain100L/{split}/norain/norain-{i}.png", (f"Rain100L/{split}/rainy/rain-{i}.png",))
-                                    for i in range(count)])
-    _write_set(raw, g, "blur", [(f"GoPro/train/GOPR03{s}/sharp/{i:06d}.png", (f"GoPro/train/GOPR03{s}/blur/{i:06d}.png",))
-                                for s in (72, 74) for i in range(2)])
+        _write_set(raw, g, "rain", [(f"Rain100L/{split}/norain/norain-{i}.png",
+                                     (f"Rain100L/{split}/rainy/rain-{i}.png",)) for i in range(count)])
+    _write_set(raw, g, "blur", [(f"GoPro/train/GOPR03{s}/sharp/{i:06d}.png",
+                                 (f"GoPro/train/GOPR03{s}/blur/{i:06d}.png",)) for s in (72, 74) for i in range(2)])
     _write_set(raw, g, "lowlight", [(f"LOL/our485/high/{i}.png", (f"LOL/our485/low/{i}.png",)) for i in range(3)])
     return raw
 
@@ -73,7 +75,8 @@ def test_prepare_builds_the_stage1_layout_with_deterministic_noise(raw_root, tmp
     assert (out / "noise" / "clean" / "WED-pristine_images-00000.bmp").is_symlink()
     assert (out / "blur" / "clean" / "GOPR0372-000001.png").resolve() == \
         (raw_root / "GoPro/train/GOPR0372/sharp/000001.png").resolve()
-    assert (out / "rain" / "degraded" / "norain-3.png").resolve() == (raw_root / "Rain100L/train/rainy/rain-3.png").resolve()
+    assert (out / "rain" / "degraded" / "norain-3.png").resolve() == \
+        (raw_root / "Rain100L/train/rainy/rain-3.png").resolve()
 
     # the noise is add_gaussian_noise with a generator seeded by the output path, rounded to 8 bits
     target = "noise/degraded/BSD400-test_001_s25.png"
@@ -93,8 +96,16 @@ def test_prepare_builds_the_stage1_layout_with_deterministic_noise(raw_root, tmp
     assert (out / target).read_bytes() == data
     assert {k: v for k, v in after.items() if k != target} == {k: v for k, v in before.items() if k != target}
     other = tmp_path / "other-salt"
-    prep.main(["--raw-root", str(raw_root), "--out", str(other), "--tasks", "noise", "--noise-seed", "1", "--no-progress"])
+    prep.main(["--raw-root", str(raw_root), "--out", str(other), "--tasks", "noise", "--noise-seed", "1",
+               "--no-progress"])
     assert (other / target).read_bytes() != data
+    cycled = tmp_path / "cycled"  # the authors' variant: one level per clean image, cycling over the sorted images
+    assert prep.main(["--raw-root", str(raw_root), "--out", str(cycled), "--tasks", "noise", "--sigma-mode", "cycle",
+                      "--no-progress"]) == {"noise": 6}
+    assert sorted(p.name for p in (cycled / "noise" / "degraded").iterdir())[:4] == [
+        "BSD400-test_000_s15.png", "BSD400-test_001_s25.png", "BSD400-test_002_s50.png",
+        "WED-pristine_images-00000_s15.png"]
+    assert (cycled / target).read_bytes() == data  # same file name, same noise
 
 
 def test_prepare_copy_mode_one_folder_pairs_and_test_split(raw_root, tmp_path):
@@ -122,7 +133,8 @@ def test_prepare_errors_list_everything_missing(raw_root, tmp_path):
     message = str(info.value)
     assert "8 input folder(s) missing" in message
     for expected in ("CBSD68 clean images; set --noise-clean", "SOTS/outdoor/hazy", "--lowlight-clean",
-                     "GoPro test split, degraded images + GoPro test split, clean images; set --blur-degraded / --blur-clean"):
+                     "GoPro test split, degraded images + GoPro test split, clean images; "
+                     "set --blur-degraded / --blur-clean"):
         assert expected in message
 
     broken = tmp_path / "broken"
@@ -138,7 +150,8 @@ def test_prepare_errors_list_everything_missing(raw_root, tmp_path):
     out = tmp_path / "stale"
     prep.main(["--raw-root", str(raw_root), "--out", str(out), "--tasks", "lowlight", "--no-progress"])
     with pytest.raises(ValueError, match="this run did not plan"):  # a second, smaller preparation into one folder
-        prep.main(["--raw-root", str(raw_root), "--out", str(out), "--tasks", "lowlight", "--limit", "1", "--no-progress"])
+        prep.main(["--raw-root", str(raw_root), "--out", str(out), "--tasks", "lowlight", "--limit", "1",
+                   "--no-progress"])
     with pytest.raises(ValueError, match="--tasks must be among"):
         prep.main(["--out", str(out), "--tasks", "snow", "--no-progress"])
 
