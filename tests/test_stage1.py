@@ -313,3 +313,45 @@ def test_audit_metrics_match_a_hand_count():
     assert report["gate"]["passed"] is False
     assert report["gate"]["task_min_accuracy"]["value"] == pytest.approx(1 / 3)
     json.dumps(report)  # serialisable for the model card and --json
+
+
+# ----------------------------------------------------------------------------- fold restorers
+def test_fold_restorer_resumes_exactly_and_weights_tasks(tmp_path, monkeypatch):
+    import perceive_components.stage1.render as render_module
+    from perceive_components.stage1 import PairImages, train_fold_restorer
+    from perceive_components.stage1.render import sample_weights
+
+    data = tmp_path / "data"
+    write_pair_folder(data, n_per_task=3)
+    pairs = PairImages(scan_pairs(data), data)
+    settings = dict(steps=6, crop_size=16, batch_size=2, progress=False, task_repeats={"haze": 3.0})
+
+    def fresh():
+        torch.manual_seed(0)
+        return Halfway()
+
+    straight = train_fold_restorer(fresh, pairs, **settings)
+    original, calls = render_module.save_state, []
+
+    def save_then_crash(state, path):
+        original(state, path)
+        calls.append(state["step"])
+        if state["step"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(render_module, "save_state", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_fold_restorer(fresh, pairs, checkpoint=tmp_path / "f.ckpt", checkpoint_every=3, **settings)
+    monkeypatch.setattr(render_module, "save_state", original)
+    resumed = train_fold_restorer(fresh, pairs, checkpoint=tmp_path / "f.ckpt", checkpoint_every=3, **settings)
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="another fold-restorer run"):
+        train_fold_restorer(fresh, pairs, checkpoint=tmp_path / "f.ckpt", **{**settings, "steps": 7})
+
+    weights = sample_weights(["noise", "haze", "haze", "rain"], {"rain": 120})
+    assert weights.tolist() == [1.0, 1.0, 1.0, 120.0]
+    with pytest.raises(ValueError, match="not in the data"):
+        sample_weights(["noise"], {"rain": 2})
+    with pytest.raises(ValueError, match="positive"):
+        sample_weights(["noise"], {"noise": 0})

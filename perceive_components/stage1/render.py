@@ -6,8 +6,8 @@ clamped). No restorer ever sees the content it renders, so its output is a genui
 Authors' recipe: a Restormer-style net, 128² crops, batch 4, AdamW lr 2e-4, cosine to 1e-6, bf16,
 20,000 iterations; tiles of 512 with 32 overlap.
 
-Everything is resumable: a finished fold model is saved (safetensors) and reused, and images already
-rendered are skipped. The result is a triplet manifest (JSON Lines, relative paths, task, fold).
+Everything is resumable: a fold restorer checkpoints while it trains, a finished one is saved
+(safetensors) and reused, and images already rendered are skipped. The result is a triplet manifest (JSON Lines, relative paths, task, fold).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..ops.checkpoint import atomic_write
+from ..ops.checkpoint import atomic_write, load_state, save_state
 from ..ops.io import read_image, write_image
 from ..ops.tiling import pad_to_multiple, tiled_apply
 from ..ops.validation import check_positive_int
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 def _random_crops(pairs: PairImages, indices: list[int], size: int,
                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Aligned random crops of (degraded, clean) with random horizontal and vertical flips (as the authors)."""
     degraded, clean = [], []
     for index in indices:
         item = pairs[index]
@@ -45,11 +46,26 @@ def _random_crops(pairs: PairImages, indices: list[int], size: int,
         top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
         left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
         both = both[..., top : top + size, left : left + size]
-        if torch.rand((), generator=generator) < 0.5:
+        flips = torch.rand(2, generator=generator) < 0.5
+        if flips[0]:
             both = both.flip(-1)
+        if flips[1]:
+            both = both.flip(-2)
         degraded.append(both[0])
         clean.append(both[1])
     return torch.stack(degraded), torch.stack(clean)
+
+
+def sample_weights(tasks: Sequence[str], task_repeats: dict[str, float] | None) -> torch.Tensor:
+    """Per-sample draw weights: the task's repeat factor (1 for tasks not named), e.g. rain 120 vs haze 1."""
+    repeats = task_repeats or {}
+    unknown = sorted(set(repeats) - set(tasks))
+    if unknown:
+        raise ValueError(f"task_repeats names tasks not in the data: {unknown} (tasks: {sorted(set(tasks))})")
+    bad = {task: value for task, value in repeats.items() if not value > 0}
+    if bad:
+        raise ValueError(f"task_repeats must be positive, got {bad}")
+    return torch.tensor([float(repeats.get(task, 1.0)) for task in tasks], dtype=torch.float64)
 
 
 def train_fold_restorer(
@@ -64,22 +80,46 @@ def train_fold_restorer(
     amp_dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    task_repeats: dict[str, float] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 1000,
     progress: bool = True,
 ) -> nn.Module:
-    """Train ``factory()`` with L1 on random crops of ``pairs``; returns the model in eval mode."""
-    for value, name in ((steps, "steps"), (crop_size, "crop_size"), (batch_size, "batch_size")):
+    """Train ``factory()`` with L1 on random crops of ``pairs``; returns the model in eval mode.
+
+    ``task_repeats`` weights how often each task's pairs are drawn (the authors repeat small sets such
+    as Rain100L). With ``checkpoint=`` the model, optimiser, scheduler, sampler state and step are saved
+    atomically every ``checkpoint_every`` steps and an interrupted run continues exactly where it stopped.
+    """
+    for value, name in ((steps, "steps"), (crop_size, "crop_size"), (batch_size, "batch_size"),
+                        (checkpoint_every, "checkpoint_every")):
         check_positive_int(value, name)
     if len(pairs) == 0:
         raise ValueError("pairs is empty: a fold restorer needs training images from the other folds")
+    weights = sample_weights([str(row.get("task", "all")) for row in pairs.rows], task_repeats)
     device = torch.device(device)
     torch.manual_seed(seed)
     model = factory().to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=min_lr)
     generator = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(steps), desc="fold restorer", disable=not progress, dynamic_ncols=True)
-    for _ in bar:
-        indices = torch.randint(0, len(pairs), (batch_size,), generator=generator).tolist()
+    signature = {"steps": steps, "crop_size": crop_size, "batch_size": batch_size, "lr": lr, "min_lr": min_lr,
+                 "seed": seed, "pairs": len(pairs), "task_repeats": sorted((task_repeats or {}).items())}
+    start = 0
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = load_state(checkpoint)
+        if state.get("signature") != signature:
+            raise ValueError(f"checkpoint {str(checkpoint)!r} belongs to another fold-restorer run; delete it or "
+                             "use the same settings")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        start = int(state["step"])
+    bar = tqdm(range(start, steps), total=steps, initial=start, desc="fold restorer", disable=not progress,
+               dynamic_ncols=True)
+    for step in bar:
+        indices = torch.multinomial(weights, batch_size, replacement=True, generator=generator).tolist()
         degraded, clean = _random_crops(pairs, indices, crop_size, generator)
         degraded, clean = degraded.to(device), clean.to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -90,6 +130,10 @@ def train_fold_restorer(
         optimizer.step()
         scheduler.step()
         bar.set_postfix(l1=f"{float(loss.detach()):.4f}")
+        if checkpoint is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
+            save_state({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                        "step": step + 1, "signature": signature}, checkpoint)
     return model.eval()
 
 
@@ -152,13 +196,15 @@ def build_triplets(
     train_kwargs: dict | None = None,
     render_kwargs: dict | None = None,
     device: str | torch.device = "cpu",
+    seed: int = 0,
     progress: bool = True,
 ) -> Path:
     """Whole K-fold pipeline: split, train K fold restorers, render, write ``out_dir/triplets.jsonl``.
 
     ``pairs`` are dicts with relative ``degraded``, ``clean`` and ``task`` (see ``manifest.scan_pairs``);
     folds come from the clean path. Fold models are saved as ``out_dir/folds/fold<k>.safetensors`` and
-    reused when present (resume); ``out_dir/folds/settings.json`` records the pairs, K and training
+    reused when present, and a fold interrupted mid-training resumes from ``fold<k>.ckpt``;
+    ``out_dir/folds/settings.json`` records the pairs, K and training
     settings, and a run with different ones is refused instead of silently reusing stale models.
     """
     from safetensors.torch import load_file, save_file
@@ -169,7 +215,7 @@ def build_triplets(
     out_dir = Path(out_dir)
     rows = assign_folds(list(pairs), k)
     _check_settings(out_dir / "folds" / "settings.json", {
-        "k": k, "pairs": sorted(row["degraded"] for row in rows),
+        "k": k, "seed": seed, "pairs": sorted(row["degraded"] for row in rows),
         "train": {key: str(value) for key, value in sorted((train_kwargs or {}).items())},
     })
     write_jsonl(out_dir / "pairs.jsonl", rows)
@@ -182,11 +228,13 @@ def build_triplets(
             logger.info("fold %d: reusing %s", fold, weights)
         else:
             train_rows = [row for row in rows if row["fold"] != fold]
-            model = train_fold_restorer(factory, PairImages(train_rows, data_root), device=device,
-                                        seed=fold, progress=progress, **(train_kwargs or {}))
+            resume = weights.with_suffix(".ckpt")
+            model = train_fold_restorer(factory, PairImages(train_rows, data_root), device=device, seed=seed + fold,
+                                        checkpoint=resume, progress=progress, **(train_kwargs or {}))
             state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
             with atomic_write(weights) as tmp:
                 save_file(state, str(tmp))
+            resume.unlink(missing_ok=True)  # the finished weights replace the mid-training state
         triplets += render_medium(model, [row for row in rows if row["fold"] == fold], data_root, out_dir,
                                   device=device, progress=progress, **(render_kwargs or {}))
     triplets.sort(key=lambda row: row["degraded"])
