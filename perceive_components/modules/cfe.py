@@ -12,8 +12,8 @@ Figure form (``form="figure"``, our reading of the paper's figure): Conv3×3_s2 
 → normalize. The stride-2 stem is ours (it keeps the cost near the code form's).
 
 The contrastive loss L_cl needs a positive view: another random crop of the *same* degraded image with
-its own flips (``make_positive_view``). Z is returned in float32 (also under autocast) because the
-loss divides similarities by τ = 0.1.
+its own flips (``make_positive_view``). Z is returned in at least float32 (also under autocast) because
+the loss divides similarities by τ = 0.1.
 """
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ class _ResBlock(nn.Module):
 
 
 class CFE(nn.Module):
-    """Degradation encoder ``images (B, 3, H, W) -> Z (B, embed_dim)``, L2-normalised, float32.
+    """Degradation encoder ``images (B, 3, H, W) -> Z (B, embed_dim)``, L2-normalised.
+
+    Z is float32 under bf16/fp16 autocast (float64 if the module is float64).
 
     Args:
         embed_dim: width of Z (128). form: ``"code"`` (default) or ``"figure"``.
@@ -66,7 +68,8 @@ class CFE(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
-        return F.normalize(self.projection(self.encoder(images)).float(), dim=-1)
+        z = self.projection(self.encoder(images))
+        return F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
 
 
 def make_positive_view(

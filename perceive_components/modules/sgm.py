@@ -33,7 +33,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class SemanticPriors(NamedTuple):
-    """``cls``: one ``(B, D)`` float32 tensor per block; ``maps``: ``(B, D, h, w)`` each, or None."""
+    """``cls``: one ``(B, D)`` tensor per block; ``maps``: ``(B, D, h, w)`` each, or None.
+
+    Both come in float32 (float64 if the SGM was moved to float64), also under bf16 autocast.
+    """
 
     cls: list[torch.Tensor]
     maps: list[torch.Tensor] | None
@@ -71,8 +74,8 @@ class SGM(FrozenHolder):
             (it must accept ``image_size`` inputs: build it with ``img_size=image_size`` or
             ``dynamic_img_size=True``).
         pretrained: load the pretrained weights when building by name (default True).
-        blocks: 1-based block indices whose CLS tokens are returned, shallow first; ``None`` takes
-            (1, 4, 8, 12) for a 12-block net, else ``spread_blocks(depth, 4)``. Repeats are allowed.
+        blocks: 1-based block indices whose CLS tokens are returned, shallow first (repeats allowed);
+            an int n spreads n blocks over the depth; ``None`` = 4: (1, 4, 8, 12) for a 12-block net.
         image_size: square resize before the network (224); a multiple of the patch size.
         antialias: antialiased bicubic resize (off, as in the authors' code).
         model_kwargs: extra ``timm.create_model`` arguments (e.g. a tiny depth for tests).
@@ -82,7 +85,7 @@ class SGM(FrozenHolder):
         self,
         model: str | nn.Module = DEFAULT_DINOV2,
         pretrained: bool = True,
-        blocks: Sequence[int] | None = None,
+        blocks: Sequence[int] | int | None = None,
         image_size: int = 224,
         antialias: bool = False,
         cache_dir: str | None = None,
@@ -100,7 +103,9 @@ class SGM(FrozenHolder):
             raise TypeError(f"model must be a timm model name or an nn.Module, got {type(model).__name__}")
         _check_vit(net, image_size)
         depth = len(net.blocks)
-        blocks = spread_blocks(depth, 4) if blocks is None else tuple(blocks)
+        if blocks is None or (isinstance(blocks, int) and not isinstance(blocks, bool)):
+            blocks = spread_blocks(depth, check_positive_int(4 if blocks is None else blocks, "blocks"))
+        blocks = tuple(blocks)
         if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= depth for b in blocks):
             raise ValueError(f"blocks must be 1-based indices in [1, {depth}] (the net has {depth} blocks), got {blocks!r}")
         self.blocks = blocks
@@ -133,14 +138,15 @@ class SGM(FrozenHolder):
             output_fmt="NLC", intermediates_only=True,
         )
         by_block = dict(zip(unique, outputs))
-        cls = [by_block[b][1][:, 0].float() for b in self.blocks]
+        dtype = torch.promote_types(self.mean.dtype, torch.float32)  # float32 under autocast
+        cls = [by_block[b][1][:, 0].to(dtype) for b in self.blocks]
         maps = None
         if map_sizes is not None:
             grid = (self.image_size // self.patch_size, self.image_size // self.patch_size)
             maps = []
             for block, size in zip(self.blocks, map_sizes):
                 tokens = by_block[block][0]
-                grid_map = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid).float()
+                grid_map = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid).to(dtype)
                 maps.append(F.interpolate(grid_map, size=tuple(size), mode="bilinear", align_corners=False))
         return SemanticPriors(cls, maps)
 
@@ -150,7 +156,7 @@ class SGM(FrozenHolder):
         return size[0] if isinstance(size, (tuple, list)) else int(size)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """CLS priors ``[F_1 … F_n]`` (shallow block first), each ``(B, embed_dim)``, float32, no grad."""
+        """CLS priors ``[F_1 … F_n]`` (shallow block first), each ``(B, embed_dim)``, no grad."""
         return self.extract(images).cls
 
 
