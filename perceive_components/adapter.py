@@ -65,7 +65,7 @@ class PerceiveAdapter(nn.Module):
         pgca: add one ``PGCABlock`` per level after PGM (4-D levels only). pgca_heads: heads (default C/48).
         pgm_form: ``"code"`` or ``"figure"`` (SPEC §3.2). zero_init: start as the identity (default True).
         embed_dim: width of Z for a CFE built here (128).
-        example_input / trace_size: the dummy input of the trace (default ``rand(2, 3, 128, 128)``).
+        example_input / trace_size: the dummy input of the trace (default ``rand(1, 3, 64, 64)``).
         multiple: required divisor of H and W (default: the down-sampling factor seen in the trace).
         pad: replicate-pad inputs to ``multiple`` and crop the output back instead of raising.
         validate_inputs: check images for rank, range [0, 1] and finite values (one host sync).
@@ -85,7 +85,7 @@ class PerceiveAdapter(nn.Module):
         zero_init: bool = True,
         embed_dim: int = 128,
         example_input: torch.Tensor | None = None,
-        trace_size: int = 128,
+        trace_size: int = 64,
         multiple: int | None = None,
         pad: bool = False,
         validate_inputs: bool = True,

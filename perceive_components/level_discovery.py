@@ -6,10 +6,17 @@ modulate), the shape of its output and the module's parameter count. For an inpu
 
 Discovery rule (DESIGN.md §2): the bottleneck is the coarsest scale seen (scale s_max; pooled 1 × 1
 tensors are ignored). From the first call at s_max on ("the path back up to full resolution") the
-candidates at each scale are the modules with parameters whose input and output both sit at that scale
-(stages, not up/down-samplers). Per scale the candidate with the most parameters is the decoder level
-(a whole stage outweighs its 1 × 1 merge conv; ties go to the earlier call). Levels come back coarse
-to fine, i.e. in the order the decoder runs them.
+candidates at each scale are the outermost modules with parameters whose input and output both sit at
+that scale (stages, not up/down-samplers). Per scale:
+
+1. the first candidate that keeps its width (C_in = C_out) is the level: a stage of blocks
+   (Restormer's ``decoder_level3``, NAFNet's ``decoders.0``), not the 1 × 1 merge conv before it nor a
+   prompt or refinement module after it;
+2. if no candidate keeps its width (concat-skip U-Nets whose block maps 2C → C), the candidate with the
+   most parameters, leaving out the insides of up/down-samplers that start at that scale.
+
+Levels come back coarse to fine, i.e. in the order the decoder runs them. The choice is logged and
+can always be overridden with explicit names.
 """
 from __future__ import annotations
 
@@ -71,7 +78,7 @@ def _first_tensor(args: tuple, kwargs: dict) -> tuple[int | str, torch.Tensor] |
     return None
 
 
-def default_example(backbone: nn.Module, size: int, channels: int = 3, batch: int = 2) -> torch.Tensor:
+def default_example(backbone: nn.Module, size: int, channels: int = 3, batch: int = 1) -> torch.Tensor:
     """A seeded random ``(batch, channels, size, size)`` image on the backbone's device and dtype."""
     reference = next((p for p in backbone.parameters() if p.is_floating_point()), None)
     device = reference.device if reference is not None else torch.device("cpu")
@@ -139,31 +146,51 @@ def coarsest_scale(calls: Sequence[ModuleCall]) -> int:
     return max((c.scale for c in calls if c.scale is not None), default=1)
 
 
-def level_candidates(calls: Sequence[ModuleCall]) -> list[ModuleCall]:
-    """Calls on the path back up from the bottleneck that keep their scale and have parameters."""
+def _up_path_start(calls: Sequence[ModuleCall]) -> int | None:
     scaled = [c for c in calls if c.scale is not None]
     if not scaled:
-        return []
+        return None
     s_max = coarsest_scale(scaled)
-    start = min(c.order for c in scaled if c.scale == s_max)
-    return [c for c in scaled if c.order >= start and c.out_scale == c.scale and c.params > 0]
+    return min(c.order for c in scaled if c.scale == s_max)
+
+
+def level_candidates(calls: Sequence[ModuleCall]) -> list[ModuleCall]:
+    """Calls on the path back up from the bottleneck that keep their scale and have parameters."""
+    start = _up_path_start(calls)
+    if start is None:
+        return []
+    return [c for c in calls if c.order >= start and c.scale is not None and c.out_scale == c.scale and c.params > 0]
+
+
+def _inside(name: str, ancestor: str) -> bool:
+    return name.startswith(ancestor + ".")
+
+
+def _pick(candidates: list[ModuleCall], calls: Sequence[ModuleCall]) -> ModuleCall:
+    names = {c.name for c in candidates}
+    outer = [c for c in candidates if not any(_inside(c.name, other) for other in names)]
+    keeps_width = [c for c in outer if c.out_shape is not None and c.out_shape[1] == c.in_shape[1]]
+    if keeps_width:
+        return keeps_width[0]
+    scale, start = outer[0].scale, _up_path_start(calls)
+    samplers = {c.name for c in calls if c.order >= start and c.scale == scale and c.out_scale != scale}
+    pool = [c for c in outer if not any(_inside(c.name, sampler) for sampler in samplers)] or outer
+    return max(pool, key=lambda c: (c.params, -c.order))
 
 
 def discover_levels(calls: Sequence[ModuleCall]) -> list[Level]:
     """One level per scale, coarse to fine (see the module docstring for the rule)."""
-    best: dict[int, ModuleCall] = {}
+    by_scale: dict[int, list[ModuleCall]] = {}
     for call in level_candidates(calls):
-        current = best.get(call.scale)
-        if current is None or call.params > current.params:
-            best[call.scale] = call
-    if not best:
+        by_scale.setdefault(call.scale, []).append(call)
+    if not by_scale:
         raise ValueError(
-            "no decoder level found: no module with parameters ran on an image-shaped (B, C, h, w) tensor. "
-            "Pass levels={'module.name': channels, …} explicitly"
+            "no decoder level found: no module with parameters ran on an image-shaped (B, C, h, w) tensor "
+            "after the bottleneck. Pass levels={'module.name': channels, …} explicitly"
         )
     chosen, seen = [], set()
-    for scale in sorted(best, reverse=True):
-        call = best[scale]
+    for scale in sorted(by_scale, reverse=True):
+        call = _pick(by_scale[scale], calls)
         if call.name not in seen:
             seen.add(call.name)
             chosen.append(Level(call.name, call.channels, call.scale, call.order, call.input_key))

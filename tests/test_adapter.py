@@ -20,17 +20,23 @@ def conv(c_in: int, c_out: int, k: int = 3, stride: int = 1) -> nn.Conv2d:
 class ConcatUNet(nn.Module):
     """Classic U-Net: strided-conv downs, transposed-conv ups, concatenated skips (levels: mid, dec2, dec1)."""
 
-    def __init__(self, c: int = 8) -> None:
+    def __init__(self, c: int = 8, up: str = "transpose") -> None:
         super().__init__()
+
+        def upsample(c_in: int, c_out: int) -> nn.Module:
+            if up == "transpose":
+                return nn.ConvTranspose2d(c_in, c_out, 2, stride=2)
+            return nn.Sequential(conv(c_in, 4 * c_out, 5), nn.PixelShuffle(2))  # its conv outweighs the stage
+
         self.head = conv(3, c)
         self.enc1 = nn.Sequential(conv(c, c), nn.ReLU())
         self.down1 = conv(c, 2 * c, 2, stride=2)
         self.enc2 = nn.Sequential(conv(2 * c, 2 * c), nn.ReLU())
         self.down2 = conv(2 * c, 4 * c, 2, stride=2)
         self.mid = nn.Sequential(conv(4 * c, 4 * c), nn.ReLU(), conv(4 * c, 4 * c))
-        self.up2 = nn.ConvTranspose2d(4 * c, 2 * c, 2, stride=2)
+        self.up2 = upsample(4 * c, 2 * c)
         self.dec2 = nn.Sequential(conv(4 * c, 2 * c), nn.ReLU(), conv(2 * c, 2 * c))
-        self.up1 = nn.ConvTranspose2d(2 * c, c, 2, stride=2)
+        self.up1 = upsample(2 * c, c)
         self.dec1 = nn.Sequential(conv(2 * c, c), nn.ReLU(), conv(c, c))
         self.tail = conv(c, 3)
 
@@ -157,11 +163,11 @@ BACKBONES = [
 
 
 # ---------------------------------------------------------------------------------------------- discovery
-@pytest.mark.parametrize("net_cls", [ConcatUNet, AddSkipNet])
-def test_discovery_finds_the_decoder_levels(net_cls, dinov2, caplog):
+@pytest.mark.parametrize("net_cls, kwargs", [(ConcatUNet, {}), (ConcatUNet, {"up": "shuffle"}), (AddSkipNet, {})])
+def test_discovery_finds_the_decoder_levels(net_cls, kwargs, dinov2, caplog):
     torch.manual_seed(0)
     with caplog.at_level("INFO", logger="perceive_components.adapter"):
-        adapter = make_adapter(net_cls(), dinov2)
+        adapter = make_adapter(net_cls(**kwargs), dinov2)
     got = [(level.name, level.channels, level.scale) for level in adapter.levels]
     assert got == EXPECTED_LEVELS[net_cls]
     assert "discovered levels" in caplog.text and got[0][0] in caplog.text
