@@ -147,6 +147,18 @@ class PerceiveAdapter(nn.Module):
         logger.info("PerceiveAdapter on %s:\n%s", type(backbone).__name__, self.describe())
 
     # ------------------------------------------------------------------ description
+    @staticmethod
+    def candidates(backbone: nn.Module, example_input: torch.Tensor | None = None, trace_size: int = 64) -> str:
+        """A table of the modules that could be levels (traced like the constructor does), coarse first,
+        followed by the levels auto-discovery would pick. Use it to choose ``levels=`` by hand."""
+        example = default_example(backbone, trace_size) if example_input is None else example_input
+        calls = trace_calls(backbone, example)
+        try:
+            picked = ", ".join(level.name for level in discover_levels(calls))
+        except ValueError as error:
+            picked = f"none ({error})"
+        return f"{format_candidates(calls)}\nauto-discovery picks: {picked}"
+
     def level_blocks(self) -> list[int | None]:
         """The DINOv2 block guiding each level (coarse first), None without SGM."""
         if self.sgm is None:
@@ -178,6 +190,14 @@ class PerceiveAdapter(nn.Module):
             return both[: images.shape[0]], both[images.shape[0]:]
         return cfe(images), cfe(positive)
 
+    def _given_embedding(self, embedding: torch.Tensor, batch: int) -> torch.Tensor:
+        width = self.config["embed_dim"]
+        if width == 0:
+            raise ValueError("embedding was given but this adapter has no CFE (cfe=None)")
+        if not isinstance(embedding, torch.Tensor) or tuple(embedding.shape) != (batch, width):
+            raise ValueError(f"embedding must have shape {(batch, width)}, got {getattr(embedding, 'shape', embedding)}")
+        return embedding
+
     def _priors(self, images: torch.Tensor, priors: Sequence[torch.Tensor] | None) -> list[torch.Tensor | None]:
         if self.sgm is None:
             if priors is not None:
@@ -199,12 +219,14 @@ class PerceiveAdapter(nn.Module):
         *args: Any,
         positive: torch.Tensor | None = None,
         priors: Sequence[torch.Tensor] | None = None,
+        embedding: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """Run the guided backbone on ``images (B, 3, H, W)`` in [0, 1]; returns the backbone's output.
 
         ``positive``: an optional second view (``make_positive_view``); its Z goes to
-        ``last_positive_embedding``. ``priors``: precomputed SGM outputs (finest first) to skip DINOv2.
+        ``last_positive_embedding``. ``priors`` (SGM outputs, finest first) and ``embedding`` (Z, ``(B, E)``)
+        may be precomputed, e.g. once on a whole image before tiled inference; they skip DINOv2 / CFE.
         Extra ``args``/``kwargs`` go to the backbone.
         """
         if self.validate_inputs:
@@ -222,7 +244,12 @@ class PerceiveAdapter(nn.Module):
                     f"factor), got {height}×{width}; pad them, or build the adapter with pad=True"
                 )
             inputs, _ = pad_to_multiple(images, self.multiple, mode="replicate")
-        z, z_positive = self.embed(images, positive)
+        if embedding is None:
+            z, z_positive = self.embed(images, positive)
+        else:
+            z, z_positive = self._given_embedding(embedding, images.shape[0]), None
+            if positive is not None:
+                raise ValueError("pass either embedding= (precomputed Z) or positive=, not both")
         guidance = {"priors": self._priors(images, priors), "z": z, "visits": [0] * len(self.levels)}
         self._active = guidance
         try:

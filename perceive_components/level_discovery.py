@@ -13,7 +13,8 @@ that scale (stages, not up/down-samplers). Per scale:
    (Restormer's ``decoder_level3``, NAFNet's ``decoders.0``), not the 1 × 1 merge conv before it nor a
    prompt or refinement module after it;
 2. if no candidate keeps its width (concat-skip U-Nets whose block maps 2C → C), the candidate with the
-   most parameters, leaving out the insides of up/down-samplers that start at that scale.
+   most parameters, leaving out the insides of up/down-samplers that start at that scale (if nothing
+   is left, that scale gets no level).
 
 Levels come back coarse to fine, i.e. in the order the decoder runs them. The choice is logged and
 can always be overridden with explicit names.
@@ -166,7 +167,7 @@ def _inside(name: str, ancestor: str) -> bool:
     return name.startswith(ancestor + ".")
 
 
-def _pick(candidates: list[ModuleCall], calls: Sequence[ModuleCall]) -> ModuleCall:
+def _pick(candidates: list[ModuleCall], calls: Sequence[ModuleCall]) -> ModuleCall | None:
     names = {c.name for c in candidates}
     outer = [c for c in candidates if not any(_inside(c.name, other) for other in names)]
     keeps_width = [c for c in outer if c.out_shape is not None and c.out_shape[1] == c.in_shape[1]]
@@ -174,8 +175,8 @@ def _pick(candidates: list[ModuleCall], calls: Sequence[ModuleCall]) -> ModuleCa
         return keeps_width[0]
     scale, start = outer[0].scale, _up_path_start(calls)
     samplers = {c.name for c in calls if c.order >= start and c.scale == scale and c.out_scale != scale}
-    pool = [c for c in outer if not any(_inside(c.name, sampler) for sampler in samplers)] or outer
-    return max(pool, key=lambda c: (c.params, -c.order))
+    pool = [c for c in outer if not any(_inside(c.name, sampler) for sampler in samplers)]
+    return max(pool, key=lambda c: (c.params, -c.order)) if pool else None
 
 
 def discover_levels(calls: Sequence[ModuleCall]) -> list[Level]:
@@ -191,9 +192,14 @@ def discover_levels(calls: Sequence[ModuleCall]) -> list[Level]:
     chosen, seen = [], set()
     for scale in sorted(by_scale, reverse=True):
         call = _pick(by_scale[scale], calls)
-        if call.name not in seen:
+        if call is not None and call.name not in seen:
             seen.add(call.name)
             chosen.append(Level(call.name, call.channels, call.scale, call.order, call.input_key))
+    if not chosen:
+        raise ValueError(
+            "no decoder level found: the only modules after the bottleneck are inside up/down-samplers. "
+            "Pass levels={'module.name': channels, …} explicitly"
+        )
     return chosen
 
 

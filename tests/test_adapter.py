@@ -265,12 +265,20 @@ def test_backbone_called_alone_runs_bare(dinov2):
         assert not torch.allclose(adapter(x), bare(x))
 
 
-def test_precomputed_priors_match_sgm(dinov2):
+def test_precomputed_priors_and_embedding_match(dinov2):
     adapter = make_adapter(ConcatUNet(), dinov2, zero_init=False)
     x = images()
     with torch.no_grad():
-        priors = adapter.sgm(x)
-        assert torch.equal(adapter(x, priors=priors), adapter(x))
+        priors, z = adapter.sgm(x), adapter.perceive["cfe"](x)
+        assert torch.equal(adapter(x, priors=priors, embedding=z), adapter(x))
+        with pytest.raises(ValueError, match=r"embedding must have shape \(2, 128\)"):
+            adapter(x, embedding=z[:, :64])
+
+
+def test_candidates_table_names_the_levels():
+    table = PerceiveAdapter.candidates(ConcatUNet())
+    assert "dec2" in table and "1/2" in table and "auto-discovery picks: mid, dec2, dec1" in table
+    assert "auto-discovery picks: none" in PerceiveAdapter.candidates(TokenBottleneckNet())
 
 
 def test_bf16_autocast_training_step(dinov2):
