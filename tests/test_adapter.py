@@ -420,3 +420,32 @@ def test_cfe_only_and_sgm_only_ablations(dinov2):
     assert sgm_only(x).shape == x.shape and sgm_only.last_embedding is None
     with pytest.raises(ValueError, match="both None"):
         PerceiveAdapter(ConcatUNet(), cfe=None, sgm=None)
+
+
+# ---------------------------------------------------------------------------------------------- docs
+DOC_PAGES = ["docs/adapter.md", "docs/modules/cfe.md", "docs/modules/sgm.md", "docs/modules/pgm.md",
+             "docs/modules/pgca.md"]
+
+
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_doc_examples_run(page):
+    """Every ```python block of the page runs, in order, in one namespace. A block whose first line says
+    "not run in tests" (a download) is skipped, and so is one that starts "# requires: <module>" when that
+    module is not part of this checkout."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / page).read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    namespace: dict = {}
+    ran = 0
+    for block in blocks:
+        first = block.splitlines()[0]
+        required = re.match(r"# requires: (\S+)", first)
+        if "not run in tests" in first or (required and importlib.util.find_spec(required.group(1)) is None):
+            continue
+        exec(compile(block, page, "exec"), namespace)
+        ran += 1
+    assert ran
