@@ -141,7 +141,7 @@ class PerceiveAdapter(nn.Module):
         self.last_positive_embedding: torch.Tensor | None = None
         modules = dict(backbone.named_modules())
         self._handles = [
-            modules[level.name].register_forward_pre_hook(self._make_hook(index), with_kwargs=True)
+            modules[level.name].register_forward_pre_hook(_LevelHook(self, index), with_kwargs=True)
             for index, level in enumerate(self.levels)
         ]
         logger.info("PerceiveAdapter on %s:\n%s", type(backbone).__name__, self.describe())
@@ -264,27 +264,23 @@ class PerceiveAdapter(nn.Module):
             output = output[..., :height, :width]
         return output
 
-    def _make_hook(self, index: int):
+    def _modulate(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        guidance = self._active
+        if guidance is None:  # the backbone was called on its own: leave it untouched
+            return None
         level = self.levels[index]
         key = _key(level.name)
-
-        def hook(module: nn.Module, args: tuple, kwargs: dict):
-            guidance = self._active
-            if guidance is None:  # the backbone was called on its own: leave it untouched
-                return None
-            x = args[level.input_key] if isinstance(level.input_key, int) else kwargs[level.input_key]
-            channel_dim = 1 if x.ndim == 4 else -1
-            if x.ndim not in (3, 4) or x.shape[channel_dim] != level.channels:
-                raise ValueError(f"level {level.name!r} expects {level.channels} input channels, got {tuple(x.shape)}")
-            y = self.perceive["pgm"][key](x, guidance["priors"][index], guidance["z"])
-            if "pgca" in self.perceive:
-                y = self.perceive["pgca"][key](x, y)
-            guidance["visits"][index] += 1
-            if isinstance(level.input_key, int):
-                return (y, *args[1:]), kwargs
-            return args, {**kwargs, level.input_key: y}
-
-        return hook
+        x = args[level.input_key] if isinstance(level.input_key, int) else kwargs[level.input_key]
+        channel_dim = 1 if x.ndim == 4 else -1
+        if x.ndim not in (3, 4) or x.shape[channel_dim] != level.channels:
+            raise ValueError(f"level {level.name!r} expects {level.channels} input channels, got {tuple(x.shape)}")
+        y = self.perceive["pgm"][key](x, guidance["priors"][index], guidance["z"])
+        if "pgca" in self.perceive:
+            y = self.perceive["pgca"][key](x, y)
+        guidance["visits"][index] += 1
+        if isinstance(level.input_key, int):
+            return (y, *args[1:]), kwargs
+        return args, {**kwargs, level.input_key: y}
 
     def remove_hooks(self) -> None:
         """Detach the adapter from the backbone (the backbone then runs bare, even inside this adapter)."""
@@ -331,6 +327,17 @@ class PerceiveAdapter(nn.Module):
         if stray:
             raise ValueError(f"{path}: unexpected tensors {stray[:5]}")
         self.perceive.load_state_dict({name[len(prefix):]: t for name, t in tensors.items()}, strict=strict)
+
+
+class _LevelHook:
+    """Forward pre-hook of one level. An object, not a closure: ``copy.deepcopy`` (EMA copies) and
+    pickling then rebind it to the copied adapter instead of the original."""
+
+    def __init__(self, adapter: PerceiveAdapter, index: int) -> None:
+        self.adapter, self.index = adapter, index
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        return self.adapter._modulate(self.index, args, kwargs)
 
 
 def _build_cfe(cfe: str | CFE | None, embed_dim: int) -> CFE | None:

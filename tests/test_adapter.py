@@ -265,6 +265,23 @@ def test_backbone_called_alone_runs_bare(dinov2):
         assert not torch.allclose(adapter(x), bare(x))
 
 
+def test_deepcopy_and_pickle_rebind_the_hooks(dinov2, tmp_path):
+    """EMA copies (copy.deepcopy) and torch.save/load get hooks that act on the *copy*."""
+    adapter = make_adapter(ConcatUNet(), dinov2, zero_init=False)
+    x = images()
+    with torch.no_grad():
+        reference = adapter(x)
+        ema = copy.deepcopy(adapter)
+        assert torch.equal(ema(x), reference)
+        for parameter in ema.perceive["pgm"].parameters():
+            parameter.mul_(2)
+        assert not torch.allclose(ema(x), reference)
+        assert torch.equal(adapter(x), reference)
+        torch.save(adapter, tmp_path / "adapter.pt")
+        restored = torch.load(tmp_path / "adapter.pt", weights_only=False)
+        assert torch.equal(restored(x), reference)
+
+
 def test_precomputed_priors_and_embedding_match(dinov2):
     adapter = make_adapter(ConcatUNet(), dinov2, zero_init=False)
     x = images()
