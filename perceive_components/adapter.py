@@ -257,7 +257,7 @@ class PerceiveAdapter(nn.Module):
         finally:
             self._active = None
         missed = [level.name for level, visits in zip(self.levels, guidance["visits"]) if not visits]
-        if missed:
+        if missed and self._handles:
             raise RuntimeError(f"levels {missed} did not run in this forward: their PGM would get no gradient")
         self.last_embedding, self.last_positive_embedding = z, z_positive
         if inputs is not images and isinstance(output, torch.Tensor) and output.shape[-2:] == inputs.shape[-2:]:

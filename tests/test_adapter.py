@@ -263,6 +263,8 @@ def test_backbone_called_alone_runs_bare(dinov2):
     with torch.no_grad():
         assert torch.equal(adapter.backbone(x), bare(x))
         assert not torch.allclose(adapter(x), bare(x))
+        adapter.remove_hooks()
+        assert torch.equal(adapter(x), bare(x))
 
 
 def test_deepcopy_and_pickle_rebind_the_hooks(dinov2, tmp_path):
