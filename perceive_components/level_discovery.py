@@ -22,14 +22,11 @@ can always be overridden with explicit names.
 from __future__ import annotations
 
 import difflib
-import logging
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 from torch import nn
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ Default network: timm ``vit_base_patch14_dinov2.lvd142m`` (= ``facebook/dinov2-b
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -24,7 +23,6 @@ from torch import nn
 from ..ops.frozen import FrozenHolder
 from ..ops.validation import check_positive_int
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_DINOV2 = "vit_base_patch14_dinov2.lvd142m"
 DEFAULT_BLOCKS = (1, 4, 8, 12)
