@@ -1,0 +1,470 @@
+"""PerceiveAdapter on three structurally different tiny backbones (all offline, random, CPU)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perceive_components import PerceiveAdapter
+from perceive_components.modules import SGM, make_positive_view
+
+
+# ---------------------------------------------------------------------------------------------- backbones
+def conv(c_in: int, c_out: int, k: int = 3, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2 if stride == 1 else 0)
+
+
+class ConcatUNet(nn.Module):
+    """Classic U-Net: strided-conv downs, transposed-conv ups, concatenated skips (levels: mid, dec2, dec1)."""
+
+    def __init__(self, c: int = 8, up: str = "transpose") -> None:
+        super().__init__()
+
+        def upsample(c_in: int, c_out: int) -> nn.Module:
+            if up == "transpose":
+                return nn.ConvTranspose2d(c_in, c_out, 2, stride=2)
+            return nn.Sequential(conv(c_in, 4 * c_out, 5), nn.PixelShuffle(2))  # its conv outweighs the stage
+
+        self.head = conv(3, c)
+        self.enc1 = nn.Sequential(conv(c, c), nn.ReLU())
+        self.down1 = conv(c, 2 * c, 2, stride=2)
+        self.enc2 = nn.Sequential(conv(2 * c, 2 * c), nn.ReLU())
+        self.down2 = conv(2 * c, 4 * c, 2, stride=2)
+        self.mid = nn.Sequential(conv(4 * c, 4 * c), nn.ReLU(), conv(4 * c, 4 * c))
+        self.up2 = upsample(4 * c, 2 * c)
+        self.dec2 = nn.Sequential(conv(4 * c, 2 * c), nn.ReLU(), conv(2 * c, 2 * c))
+        self.up1 = upsample(2 * c, c)
+        self.dec1 = nn.Sequential(conv(2 * c, c), nn.ReLU(), conv(c, c))
+        self.tail = conv(c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(self.head(x))
+        e2 = self.enc2(self.down1(e1))
+        m = self.mid(self.down2(e2))
+        d2 = self.dec2(torch.cat([self.up2(m), e2], dim=1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
+        return x + self.tail(d1)
+
+
+class GatedBlock(nn.Module):
+    """NAFNet-style block: depthwise conv, simple gate, pooled channel attention, residual."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(c, 2 * c, 1)
+        self.dw = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.sca = nn.Conv2d(c, c, 1)
+        self.project = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.dw(self.expand(x)).chunk(2, dim=1)
+        y = a * b
+        return x + self.project(y * self.sca(self.pool(y)))
+
+
+class AddSkipNet(nn.Module):
+    """NAFNet-like: ModuleLists of stages, pixel-shuffle ups, *added* skips, internal padding to 8."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        widths = [width, 2 * width, 4 * width]
+        self.intro = conv(3, width)
+        self.encoders = nn.ModuleList(GatedBlock(w) for w in widths)
+        self.downs = nn.ModuleList(nn.Conv2d(w, 2 * w, 2, stride=2) for w in widths)
+        self.middle_blks = nn.Sequential(GatedBlock(8 * width), GatedBlock(8 * width))
+        self.ups = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(2 * w, 4 * w, 1, bias=False), nn.PixelShuffle(2)) for w in reversed(widths)
+        )
+        self.decoders = nn.ModuleList(GatedBlock(w) for w in reversed(widths))
+        self.ending = conv(width, 3)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        x = F.pad(image, (0, (-width) % 8, 0, (-height) % 8))
+        inp = x
+        x = self.intro(x)
+        skips = []
+        for encoder, down in zip(self.encoders, self.downs):
+            x = encoder(x)
+            skips.append(x)
+            x = down(x)
+        x = self.middle_blks(x)
+        for decoder, up, skip in zip(self.decoders, self.ups, reversed(skips)):
+            x = decoder(up(x) + skip)
+        return (self.ending(x) + inp)[..., :height, :width]
+
+
+class TokenBottleneckNet(nn.Module):
+    """Half-resolution conv head, a token MLP bottleneck on (B, N, C), pixel-shuffle up, global residual."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(3, c, 4, stride=2, padding=1)
+        self.mixer = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+        self.up = nn.Sequential(nn.Conv2d(c, 12, 3, padding=1), nn.PixelShuffle(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.head(x)
+        b, c, h, w = f.shape
+        tokens = f.flatten(2).transpose(1, 2)
+        tokens = tokens + self.mixer(tokens)
+        return x + self.up(tokens.transpose(1, 2).reshape(b, c, h, w))
+
+
+EXPECTED_LEVELS = {
+    ConcatUNet: [("mid", 32, 4), ("dec2", 32, 2), ("dec1", 16, 1)],
+    AddSkipNet: [("middle_blks", 64, 8), ("decoders.0", 32, 4), ("decoders.1", 16, 2), ("decoders.2", 8, 1)],
+}
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+def tiny_dinov2(depth: int = 2):
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, depth=depth, embed_dim=32,
+                             num_heads=2, img_size=56, dynamic_img_size=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is much faster than several on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dinov2():
+    return tiny_dinov2()
+
+
+def make_adapter(backbone: nn.Module, dinov2: nn.Module, **kwargs) -> PerceiveAdapter:
+    kwargs.setdefault("sgm", dinov2)
+    if isinstance(kwargs["sgm"], nn.Module) and not isinstance(kwargs["sgm"], SGM):
+        kwargs.setdefault("sgm_kwargs", {"image_size": 56})
+    return PerceiveAdapter(backbone, **kwargs)
+
+
+def images(batch: int = 2, size: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+BACKBONES = [
+    pytest.param(ConcatUNet, None, id="concat-unet"),
+    pytest.param(AddSkipNet, None, id="add-skip-nafnet-like"),
+    pytest.param(TokenBottleneckNet, {"mixer": 16}, id="token-bottleneck-only"),
+]
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+@pytest.mark.parametrize("net_cls, kwargs", [(ConcatUNet, {}), (ConcatUNet, {"up": "shuffle"}), (AddSkipNet, {})])
+def test_discovery_finds_the_decoder_levels(net_cls, kwargs, dinov2, caplog):
+    torch.manual_seed(0)
+    with caplog.at_level("INFO", logger="perceive_components.adapter"):
+        adapter = make_adapter(net_cls(**kwargs), dinov2)
+    got = [(level.name, level.channels, level.scale) for level in adapter.levels]
+    assert got == EXPECTED_LEVELS[net_cls]
+    assert "discovered levels" in caplog.text and got[0][0] in caplog.text
+    # coarse level gets the deepest DINOv2 block, the finest level block 1
+    assert adapter.level_blocks()[0] == max(adapter.sgm.blocks) and adapter.level_blocks()[-1] == 1
+    assert adapter.multiple == got[0][2]
+
+
+def test_user_levels_override_discovery_and_are_ordered_by_execution(dinov2):
+    adapter = make_adapter(ConcatUNet(), dinov2, levels=["dec1", "mid"])
+    assert [level.name for level in adapter.levels] == ["mid", "dec1"]
+    assert [level.channels for level in adapter.levels] == [32, 16]
+
+
+# ---------------------------------------------------------------------------------------------- behaviour
+@pytest.mark.parametrize("net_cls, levels", BACKBONES)
+def test_zero_init_wrapped_equals_bare_backbone_and_keys_unchanged(net_cls, levels, dinov2):
+    torch.manual_seed(0)
+    backbone = net_cls()
+    bare = copy.deepcopy(backbone)
+    keys_before = list(backbone.state_dict().keys())
+    adapter = make_adapter(backbone, dinov2, levels=levels)
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(adapter(x), bare(x))
+    assert list(adapter.backbone.state_dict().keys()) == keys_before
+    own = set(adapter.adapter_state_dict())
+    assert set(adapter.state_dict()) == {f"backbone.{k}" for k in keys_before} | own
+    assert all(k.startswith("perceive.") for k in own)
+    # an official checkpoint of the bare backbone still loads strictly
+    adapter.backbone.load_state_dict(bare.state_dict(), strict=True)
+    # frozen DINOv2: in neither state_dict() nor parameters()
+    frozen = {id(p) for p in adapter.sgm.encoder.parameters()}
+    assert frozen and not frozen & {id(p) for p in adapter.parameters()}
+    assert not any(k.startswith("sgm") or "encoder.blocks" in k for k in adapter.state_dict())
+
+
+@pytest.mark.parametrize("net_cls, levels", BACKBONES)
+def test_gradients_reach_backbone_cfe_pgm_and_sgm_stays_frozen(net_cls, levels, dinov2):
+    torch.manual_seed(0)
+    adapter = make_adapter(net_cls(), dinov2, levels=levels, zero_init=False)
+    x = images(size=32)
+    positive = make_positive_view(images(size=48, seed=2), 32, generator=torch.Generator().manual_seed(0))
+    out = adapter(x, positive=positive)
+    assert out.shape == x.shape
+    z, z_pos = adapter.last_embedding, adapter.last_positive_embedding
+    assert z.shape == z_pos.shape == (2, 128)
+    (out.square().mean() + (z * z_pos).sum()).backward()
+    for name, param in adapter.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert all(p.grad is None and not p.requires_grad for p in adapter.sgm.encoder.parameters())
+
+
+@pytest.mark.parametrize("pgca", [False, True])
+def test_every_trainable_parameter_gets_a_gradient_ddp_friendly(pgca, dinov2):
+    """With zero-init, grads may be zero but no parameter is left out of the graph (no unused params)."""
+    adapter = make_adapter(ConcatUNet(), dinov2, pgca=pgca)
+    x = images()
+    adapter(x, positive=x.flip(-1)).mean().backward()
+    unused = [name for name, p in adapter.named_parameters() if p.grad is None]
+    assert not unused
+    assert any("pgca" in name for name, _ in adapter.named_parameters()) == pgca
+
+
+def test_pgca_zero_init_is_identity_and_trains(dinov2):
+    torch.manual_seed(0)
+    backbone = AddSkipNet()
+    bare = copy.deepcopy(backbone)
+    adapter = make_adapter(backbone, dinov2, pgca=True)
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(adapter(x), bare(x))
+    adapter(x).mean().backward()
+    assert all(block.attn.project_out.weight.grad.abs().sum() > 0 for block in adapter.perceive["pgca"].values())
+
+
+def test_positive_view_runs_as_one_cfe_batch(dinov2):
+    adapter = make_adapter(ConcatUNet(), dinov2)
+    calls = []
+    adapter.perceive["cfe"].register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    x = images()
+    adapter(x, positive=x.flip(-1))
+    assert calls == [4]
+    assert torch.allclose(adapter.last_positive_embedding, adapter.perceive["cfe"](x.flip(-1)), atol=1e-6)
+
+
+def test_backbone_called_alone_runs_bare(dinov2):
+    torch.manual_seed(0)
+    backbone = ConcatUNet()
+    bare = copy.deepcopy(backbone)
+    adapter = make_adapter(backbone, dinov2, zero_init=False)
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(adapter.backbone(x), bare(x))
+        assert not torch.allclose(adapter(x), bare(x))
+        adapter.remove_hooks()
+        assert torch.equal(adapter(x), bare(x))
+
+
+def test_deepcopy_and_pickle_rebind_the_hooks(dinov2, tmp_path):
+    """EMA copies (copy.deepcopy) and torch.save/load get hooks that act on the *copy*."""
+    adapter = make_adapter(ConcatUNet(), dinov2, zero_init=False)
+    x = images()
+    with torch.no_grad():
+        reference = adapter(x)
+        ema = copy.deepcopy(adapter)
+        assert torch.equal(ema(x), reference)
+        for parameter in ema.perceive["pgm"].parameters():
+            parameter.mul_(2)
+        assert not torch.allclose(ema(x), reference)
+        assert torch.equal(adapter(x), reference)
+        torch.save(adapter, tmp_path / "adapter.pt")
+        restored = torch.load(tmp_path / "adapter.pt", weights_only=False)
+        assert torch.equal(restored(x), reference)
+
+
+def test_precomputed_priors_and_embedding_match(dinov2):
+    adapter = make_adapter(ConcatUNet(), dinov2, zero_init=False)
+    x = images()
+    with torch.no_grad():
+        priors, z = adapter.sgm(x), adapter.perceive["cfe"](x)
+        assert torch.equal(adapter(x, priors=priors, embedding=z), adapter(x))
+        with pytest.raises(ValueError, match=r"embedding must have shape \(2, 128\)"):
+            adapter(x, embedding=z[:, :64])
+
+
+def test_candidates_table_names_the_levels():
+    table = PerceiveAdapter.candidates(ConcatUNet())
+    assert "dec2" in table and "1/2" in table and "auto-discovery picks: mid, dec2, dec1" in table
+    assert "auto-discovery picks: none" in PerceiveAdapter.candidates(TokenBottleneckNet())
+
+
+def test_bf16_autocast_training_step(dinov2):
+    adapter = make_adapter(AddSkipNet(), dinov2, pgca=True, zero_init=False)
+    x = images()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = adapter(x, positive=x.flip(-2))
+        loss = (out.float() - x).abs().mean() + (adapter.last_embedding * adapter.last_positive_embedding).sum()
+    loss.backward()
+    assert adapter.last_embedding.dtype == torch.float32
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in adapter.parameters())
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_to_device_and_dtype_after_construction(device, dinov2):
+    adapter = make_adapter(ConcatUNet(), copy.deepcopy(dinov2), zero_init=False)
+    adapter.to(device=device, dtype=torch.float64)
+    assert next(adapter.sgm.encoder.parameters()).dtype == torch.float64
+    x = images().to(device, torch.float64)
+    out = adapter(x)
+    assert out.dtype == torch.float64 and out.device.type == device
+    assert adapter.last_embedding.dtype == torch.float64
+
+
+def test_torch_compile_smoke(dinov2):
+    """Dynamo captures the whole hooked forward (CFE, DINOv2, hooks, PGM) as one graph: fullgraph=True.
+
+    backend="eager" checks the capture without code generation, which would take minutes on 2 CPU cores;
+    the inductor path is timed by benchmarks/bench_adapter.py --compile.
+    """
+    torch.manual_seed(0)
+    adapter = make_adapter(ConcatUNet(), dinov2, zero_init=False, validate_inputs=False)
+    x = images()
+    expected = adapter(x)
+    compiled = torch.compile(adapter, backend="eager", fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.mean().backward()
+    assert all(p.grad is not None for p in adapter.perceive.parameters())
+    assert compiled.last_embedding is not None
+
+
+def test_save_and_load_adapter_weights(tmp_path, dinov2):
+    torch.manual_seed(0)
+    backbone = ConcatUNet()
+    trained = make_adapter(copy.deepcopy(backbone), dinov2, pgca=True, zero_init=False)
+    path = tmp_path / "adapter.safetensors"
+    trained.save_adapter(path)
+    fresh = make_adapter(copy.deepcopy(backbone), dinov2, pgca=True, zero_init=True)
+    fresh.load_adapter(path)
+    for key, value in trained.adapter_state_dict().items():
+        assert torch.equal(fresh.adapter_state_dict()[key], value), key
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), trained(x))
+    other = make_adapter(copy.deepcopy(backbone), dinov2, levels=["mid"], pgca=True)
+    with pytest.raises(ValueError, match="levels"):
+        other.load_adapter(path)
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+def test_size_not_multiple_of_factor_raises_or_pads(dinov2):
+    adapter = make_adapter(ConcatUNet(), dinov2)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        adapter(images(size=30))
+    padded = make_adapter(ConcatUNet(), dinov2, pad=True)
+    x = torch.rand(1, 3, 30, 37)
+    assert padded(x).shape == x.shape
+
+
+def test_level_channel_mismatch_raises(dinov2):
+    with pytest.raises(ValueError, match="given 99 channels but its input has 16"):
+        make_adapter(ConcatUNet(), dinov2, levels={"dec1": 99})
+
+
+def test_unknown_level_lists_candidates(dinov2):
+    with pytest.raises(ValueError, match="not modules of ConcatUNet") as info:
+        make_adapter(ConcatUNet(), dinov2, levels=["decoder1"])
+    message = str(info.value)
+    assert "Candidate decoder levels" in message and "dec1" in message and "mid" in message
+
+
+def test_wrong_prior_width_raises(dinov2):
+    adapter = make_adapter(ConcatUNet(), dinov2)
+    x = images()
+    with pytest.raises(ValueError, match=r"priors\[0\] must have shape \(2, 32\)"):
+        adapter(x, priors=[torch.zeros(2, 16)] * 3)
+    with pytest.raises(ValueError, match="sequence of 3"):
+        adapter(x, priors=[torch.zeros(2, 32)])
+
+
+def test_non_finite_input_raises(dinov2):
+    adapter = make_adapter(ConcatUNet(), dinov2)
+    x = images()
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        adapter(x)
+    with pytest.raises(TypeError, match="floating-point"):
+        adapter((images() * 255).to(torch.uint8))
+
+
+def test_sgm_block_count_must_match_levels(dinov2):
+    sgm = SGM(dinov2, blocks=(1, 2), image_size=56)
+    with pytest.raises(ValueError, match="2 priors .* 3 levels"):
+        PerceiveAdapter(ConcatUNet(), sgm=sgm)
+
+
+def test_pgca_on_token_level_raises(dinov2):
+    with pytest.raises(ValueError, match="pgca=True needs"):
+        make_adapter(TokenBottleneckNet(), dinov2, levels=["mixer"], pgca=True)
+
+
+def test_trace_failure_explains_itself():
+    class NeedsSixteen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            if x.shape[-1] % 16:
+                raise ValueError("size must be a multiple of 16")
+            return self.conv(x)
+
+    with pytest.raises(RuntimeError, match="example_input"):
+        PerceiveAdapter(NeedsSixteen(), sgm=None, trace_size=40)
+    adapter = PerceiveAdapter(NeedsSixteen(), sgm=None, trace_size=48)
+    assert [level.name for level in adapter.levels] == ["conv"]
+
+
+def test_cfe_only_and_sgm_only_ablations(dinov2):
+    x = images()
+    cfe_only = make_adapter(ConcatUNet(), dinov2, sgm=None, zero_init=False)
+    assert cfe_only.sgm is None and cfe_only(x).shape == x.shape
+    sgm_only = make_adapter(ConcatUNet(), dinov2, cfe=None, zero_init=False)
+    assert sgm_only(x).shape == x.shape and sgm_only.last_embedding is None
+    with pytest.raises(ValueError, match="both None"):
+        PerceiveAdapter(ConcatUNet(), cfe=None, sgm=None)
+
+
+# ---------------------------------------------------------------------------------------------- docs
+DOC_PAGES = ["docs/adapter.md", "docs/modules/cfe.md", "docs/modules/sgm.md", "docs/modules/pgm.md",
+             "docs/modules/pgca.md"]
+
+
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_doc_examples_run(page):
+    """Every ```python block of the page runs, in order, in one namespace. A block whose first line says
+    "not run in tests" (a download) is skipped, and so is one that starts "# requires: <module>" when that
+    module is not part of this checkout."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / page).read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    namespace: dict = {}
+    ran = 0
+    for block in blocks:
+        first = block.splitlines()[0]
+        required = re.match(r"# requires: (\S+)", first)
+        if "not run in tests" in first or (required and importlib.util.find_spec(required.group(1)) is None):
+            continue
+        exec(compile(block, page, "exec"), namespace)
+        ran += 1
+    assert ran
