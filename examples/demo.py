@@ -189,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-steps", type=int, default=200)
     parser.add_argument("--tiny-clip", action="store_true", help="never try to download CLIP weights")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (the demo's models are small: 1 is fastest on a busy machine)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     out = Path(args.out)
