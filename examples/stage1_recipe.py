@@ -5,26 +5,25 @@
 The data roots have the layout ``ROOT/<task>/{degraded,clean}/`` (``examples/prepare_stage1_data.py`` builds
 it from BSD400/WED, OTS, Rain100L, GoPro and LOL-v1). Steps, all through ``perceive_components.stage1``:
 
-1. **Pairs and folds**: ``scan_pairs`` and ``assign_folds`` (K = ``--folds``, hash of the relative clean path)
-   → ``OUT/pairs.jsonl``.
-2. **Fold models**: for each fold k a fresh ``--backbone`` (default Restormer, from ``examples/backbones``)
-   trained with L1 on the other folds by ``train_fold_restorer`` — 128² crops, batch 4, AdamW 2e-4 cosine to
-   1e-6, bf16 on CUDA, 20,000 iterations — with the authors' task repeat factors (``--restorer-repeat``)
-   → ``OUT/folds/fold<k>.safetensors``.
-3. **Medium images**: fold k rendered by its model with ``render_medium`` (tiles 512, overlap 32, reflect
-   padding, clamp) → ``OUT/medium/…``, ``OUT/triplets.jsonl``.
-4. **Gates** (``medium_gates``): PSNR-improved rate and progress r per task → table, ``OUT/gates.json``.
-5. **Prompts**: a ``QualityPerceiver`` (OpenAI ViT-B/32 QuickGELU, n_ctx 16) trained by ``train_prompts`` —
+1. **Fold models and medium images** by ``build_triplets``: folds (K = ``--folds``, hash of the relative clean
+   path) → ``OUT/pairs.jsonl``; for each fold k a fresh ``--backbone`` (default Restormer, from
+   ``examples/backbones``) trained with L1 on the other folds — 128² crops with flips, batch 4, AdamW 2e-4
+   cosine to 1e-6, bf16 on CUDA, 20,000 iterations, the authors' task repeat factors (``--restorer-repeat``),
+   seed ``--seed`` + k — → ``OUT/folds/fold<k>.safetensors``; fold k rendered by its model (tiles 512,
+   overlap 32, reflect padding, clamp) → ``OUT/medium/…``, ``OUT/triplets.jsonl``.
+2. **Gates** (``medium_gates``): PSNR-improved rate and progress r per task → table, ``OUT/gates.json``.
+3. **Prompts**: a ``QualityPerceiver`` (OpenAI ViT-B/32 QuickGELU, n_ctx 16) trained by ``train_prompts`` —
    AdamW 4e-5 cosine to 1e-6, 100,000 steps × 32 triplets, task-balanced — checkpoint ``OUT/prompts.ckpt``.
-6. **Audit** (``audit_perceiver``) on the held-out fold (``--holdout-fold``: the prompts then train on the
+4. **Audit** (``audit_perceiver``) on the held-out fold (``--holdout-fold``: the prompts then train on the
    other folds) and/or a test set (``--audit-root``; its medium images are rendered by the fold models, which
    never saw it) → tables, ``OUT/audit_*.json``; the preferred audit (test set, else held-out fold, else the
    training triplets) is recorded in the perceiver, saved with ``save_pretrained`` to ``OUT/perceiver``.
 
-Re-running the same command continues: finished fold models are loaded, rendered images are kept, prompt
-training resumes from its checkpoint (a finished run is not repeated), and changed settings that would mix
-two recipes in one folder are refused. ``OUT/report.md`` collects the tables. Every number is a flag; a
-CPU smoke run: ``--backbone restormer-tiny --restorer-steps 3 --restorer-crop 32 --prompt-steps 3 --clip tiny``.
+Re-running the same command continues: finished fold models are loaded, an interrupted one resumes from
+``OUT/folds/fold<k>.ckpt``, rendered images are kept, prompt training resumes from its checkpoint (a finished
+run is not repeated), and changed settings that would mix two recipes in one folder are refused.
+``OUT/report.md`` collects the tables. Every number is a flag; a CPU smoke run: ``--backbone restormer-tiny
+--restorer-steps 3 --restorer-crop 32 --prompt-steps 3 --clip tiny``.
 """
 from __future__ import annotations
 
@@ -46,8 +45,8 @@ from torch import nn  # noqa: E402
 from perceive_components import QualityPerceiver  # noqa: E402
 from perceive_components.ops.checkpoint import atomic_write  # noqa: E402
 from perceive_components.stage1 import (  # noqa: E402
-    PairImages, TripletImages, assign_folds, audit_perceiver, fold_of, medium_gates, render_medium, scan_pairs,
-    train_fold_restorer, train_prompts, write_jsonl,
+    TripletImages, audit_perceiver, build_triplets, fold_of, medium_gates, render_medium, scan_pairs, train_prompts,
+    write_jsonl,
 )
 
 log = logging.getLogger("stage1_recipe")
@@ -63,8 +62,8 @@ TINY_CLIP_CFG = dict(  # 1.7 M parameters, 32² images: for CPU smoke runs and t
     text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2),
     quick_gelu=True,
 )
-# Settings that define what is stored in OUT; a re-run with other values is refused (device, bf16, workers,
-# progress and the audit choices may change freely).
+# Settings that define what is stored in OUT; a re-run with other values is refused (device, workers, progress
+# and the audit choices may change freely; the fold models' precision, bf16, is recorded with them).
 MEDIUM_KEYS = ("backbone", "folds", "tasks", "restorer_steps", "restorer_crop", "restorer_batch", "restorer_lr",
                "restorer_min_lr", "restorer_repeat", "tile", "overlap", "seed")
 PROMPT_KEYS = ("clip", "clip_pretrained", "n_ctx", "tier_words", "prompt_steps", "prompt_batch", "prompt_lr",
@@ -96,13 +95,32 @@ def backbone_factory(name: str) -> Callable[[], nn.Module]:
 
 
 def parse_repeats(items: Sequence[str]) -> dict[str, int]:
-    repeats = dict(DEFAULT_REPEATS)
+    repeats = {}
     for item in items:
         task, sep, factor = item.partition("=")
         if not sep or not factor.isdigit() or int(factor) < 1:
             raise ValueError(f"--restorer-repeat takes TASK=N with N >= 1 (e.g. rain=120), got {item!r}")
         repeats[task] = int(factor)
     return repeats
+
+
+def fold_repeats(args: argparse.Namespace, pairs: list[dict]) -> dict[str, int]:
+    """Task repeat factors for the fold models: ``DEFAULT_REPEATS`` and ``--restorer-repeat``, for the tasks
+    in the data. A task whose images all hash to one fold is never seen by that fold's model; it is named in
+    a warning and gets no factor (``train_fold_restorer`` takes factors only for tasks it trains on)."""
+    given = parse_repeats(args.restorer_repeat)
+    folds: dict[str, set[int]] = {}
+    for pair in pairs:
+        folds.setdefault(pair["task"], set()).add(fold_of(pair["clean"], args.folds))
+    unknown = sorted(set(given) - set(folds))
+    if unknown:
+        raise ValueError(f"--restorer-repeat names task(s) {unknown} that --data-root does not hold ({sorted(folds)})")
+    one_fold = {task: min(found) for task, found in folds.items() if len(found) == 1}
+    if one_fold:
+        log.warning("a fold model never trains on a task whose images all hash to its own fold: %s; use more "
+                    "images or fewer folds", ", ".join(f"{task} (fold {fold})" for task, fold in one_fold.items()))
+    repeats = {**DEFAULT_REPEATS, **given}
+    return {task: repeats[task] for task in sorted(folds) if task in repeats and task not in one_fold}
 
 
 def check_settings(path: Path, section: str, settings: dict[str, Any], artifacts_exist: bool) -> None:
@@ -117,68 +135,39 @@ def check_settings(path: Path, section: str, settings: dict[str, Any], artifacts
                          "use another --out folder, or the same settings to continue")
 
 
-def save_fold_model(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    with atomic_write(path) as tmp:
-        save_file(state, str(tmp))
-
-
-def load_fold_model(factory: Callable[[], nn.Module], path: Path) -> nn.Module:
-    from safetensors.torch import load_file
-
-    model = factory()
-    model.load_state_dict(load_file(str(path)), strict=True)
-    return model.eval()
+def render_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    multiple = math.lcm(8, getattr(backbone_factory(args.backbone)(), "size_factor", 1))
+    return dict(tile=args.tile or None, overlap=args.overlap, multiple=multiple)
 
 
 # ----------------------------------------------------------------------------- steps
 def medium_images(args: argparse.Namespace, pairs: list[dict], out: Path, device: torch.device,
                   amp: torch.dtype | None) -> Path:
-    """Steps 1–3: folds, fold models (trained or reused), medium images; returns ``OUT/triplets.jsonl``."""
-    rows = assign_folds(pairs, args.folds)
-    write_jsonl(out / "pairs.jsonl", rows)
-    factory = backbone_factory(args.backbone)
-    multiple = math.lcm(8, getattr(factory(), "size_factor", 1))
-    repeats = parse_repeats(args.restorer_repeat)
-    triplets = []
-    for fold in range(args.folds):
-        weights = out / "folds" / f"fold{fold}.safetensors"
-        if weights.is_file():
-            log.info("fold %d: reusing %s", fold, weights)
-            model = load_fold_model(factory, weights)
-        else:
-            train_rows = [row for row in rows if row["fold"] != fold for _ in range(repeats.get(row["task"], 1))]
-            log.info("fold %d: training %s on %d pairs (%d after task repeats)", fold, args.backbone,
-                     sum(row["fold"] != fold for row in rows), len(train_rows))
-            model = train_fold_restorer(
-                factory, PairImages(train_rows, args.data_root), steps=args.restorer_steps,
-                crop_size=args.restorer_crop, batch_size=args.restorer_batch, lr=args.restorer_lr,
-                min_lr=args.restorer_min_lr, amp_dtype=amp, device=device, seed=args.seed + fold,
-                progress=args.progress)
-            save_fold_model(model, weights)
-        triplets += render_medium(model, [row for row in rows if row["fold"] == fold], args.data_root, out,
-                                  tile=args.tile or None, overlap=args.overlap, multiple=multiple, device=device,
-                                  progress=args.progress)
-        del model
-    triplets.sort(key=lambda row: row["degraded"])
-    return write_jsonl(out / "triplets.jsonl", triplets)
+    """Step 1 by ``build_triplets``: folds, fold models (trained, resumed or reused), medium images; returns
+    ``OUT/triplets.jsonl``."""
+    train_kwargs = dict(steps=args.restorer_steps, crop_size=args.restorer_crop, batch_size=args.restorer_batch,
+                        lr=args.restorer_lr, min_lr=args.restorer_min_lr, amp_dtype=amp,
+                        task_repeats=fold_repeats(args, pairs))
+    return build_triplets(backbone_factory(args.backbone), pairs, args.data_root, out, k=args.folds,
+                          train_kwargs=train_kwargs, render_kwargs=render_kwargs(args), device=device,
+                          seed=args.seed, progress=args.progress)
 
 
 def audit_set_images(args: argparse.Namespace, out: Path, device: torch.device) -> Path:
     """Medium images of the test set under ``--audit-root``, each rendered by the fold model its clean path
     hashes to (no fold model saw any test image); returns ``OUT/audit/triplets.jsonl``."""
+    from safetensors.torch import load_file
+
     pairs = select_tasks(scan_pairs(args.audit_root), args.tasks, "--audit-root")
-    factory = backbone_factory(args.backbone)
-    multiple = math.lcm(8, getattr(factory(), "size_factor", 1))
+    factory, rendering = backbone_factory(args.backbone), render_kwargs(args)
     triplets = []
     for fold in range(args.folds):
         rows = [{**row, "fold": fold} for row in pairs if fold_of(row["clean"], args.folds) == fold]
         if rows:
-            model = load_fold_model(factory, out / "folds" / f"fold{fold}.safetensors")
-            triplets += render_medium(model, rows, args.audit_root, out / "audit", tile=args.tile or None,
-                                      overlap=args.overlap, multiple=multiple, device=device, progress=args.progress)
+            model = factory()
+            model.load_state_dict(load_file(str(out / "folds" / f"fold{fold}.safetensors")), strict=True)
+            triplets += render_medium(model, rows, args.audit_root, out / "audit", device=device,
+                                      progress=args.progress, **rendering)
     triplets.sort(key=lambda row: row["degraded"])
     return write_jsonl(out / "audit" / "triplets.jsonl", triplets)
 
@@ -242,7 +231,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings_path = out / "recipe.json"
     settings = {section: {key: getattr(args, key) for key in keys}
                 for section, keys in (("medium", MEDIUM_KEYS), ("prompts", PROMPT_KEYS))}
-    check_settings(settings_path, "medium", settings["medium"], any((out / "folds").glob("fold*.safetensors")))
+    settings["medium"]["bf16"] = bf16
+    check_settings(settings_path, "medium", settings["medium"], (out / "folds" / "settings.json").is_file())
     check_settings(settings_path, "prompts", settings["prompts"], (out / "prompts.ckpt").is_file())
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(settings_path) as tmp:

@@ -180,7 +180,13 @@ def test_recipe_runs_end_to_end(recipe_run):
     assert len(triplets) == 18 + 6 + 4  # noise 6 clean × 3 σ, haze 3 × 2 OTS variants, rain 4
     for row in triplets:  # every pair rendered once, into the fold its clean image hashes to
         assert row["fold"] == fold_of(row["clean"], 2) and (run / row["medium"]).is_file()
-    assert sorted(p.name for p in (run / "folds").iterdir()) == ["fold0.safetensors", "fold1.safetensors"]
+    # build_triplets kept the fold models and its settings; the mid-training checkpoints are gone
+    assert sorted(p.name for p in (run / "folds").iterdir()) == ["fold0.safetensors", "fold1.safetensors",
+                                                                 "settings.json"]
+    # the repeat factors reach the fold models through build_triplets' train_kwargs (the tiny data holds every
+    # haze image in fold 1 and every rain image in fold 0, so only noise keeps one: see the test below)
+    stored = json.loads((run / "folds" / "settings.json").read_text())["train"]
+    assert stored["task_repeats"] == "{'noise': 1}" and stored["steps"] == "3" and stored["amp_dtype"] == "None"
     assert set(report["gates"]["per_task"]) == {"noise", "haze", "rain"}
     assert set(report["audit"]) == {"test", "holdout_fold1"}
     held_out = [row for row in triplets if row["fold"] == 1]
@@ -199,6 +205,25 @@ def test_recipe_runs_end_to_end(recipe_run):
     again = audit_perceiver(perceiver, TripletImages(run / "audit" / "triplets.jsonl", base / "test"), record=False)
     assert again["accuracy"] == pytest.approx(report["audit"]["test"]["accuracy"])
     assert again["mean_q"] == pytest.approx(report["audit"]["test"]["mean_q"], abs=1e-5)
+
+
+def test_recipe_task_repeats_follow_the_data(recipe_run, caplog):
+    base, _, _ = recipe_run
+    args = recipe.build_parser().parse_args(["--data-root", "unused", "--out", "unused"])
+    spread = [{"task": task, "clean": f"{task}/clean/{i}.png"} for task in ("noise", "rain", "mine") for i in range(8)]
+    assert recipe.fold_repeats(args, spread) == {"noise": 1, "rain": 120}  # authors' factors, for the tasks present
+    args.restorer_repeat = ["noise=3", "mine=2"]
+    assert recipe.fold_repeats(args, spread) == {"mine": 2, "noise": 3, "rain": 120}
+    args.restorer_repeat = ["blur=2"]
+    with pytest.raises(ValueError, match=r"--restorer-repeat names task\(s\) \['blur'\] that --data-root does not"):
+        recipe.fold_repeats(args, spread)
+
+    # a task whose images all hash to one fold: that fold's model cannot train on it, its factor is dropped
+    args.restorer_repeat = []
+    pairs = recipe.scan_pairs(base / "train")
+    with caplog.at_level("WARNING", logger="stage1_recipe"):
+        assert recipe.fold_repeats(args, pairs) == {"noise": 1}
+    assert "never trains on a task whose images all hash to its own fold: haze (fold 1), rain (fold 0)" in caplog.text
 
 
 def test_recipe_rerun_continues_without_redoing_work(recipe_run):
@@ -220,12 +245,20 @@ def test_recipe_rerun_continues_without_redoing_work(recipe_run):
 
 
 def test_recipe_refuses_other_settings_in_the_same_folder(recipe_run):
-    _, argv, _ = recipe_run
+    base, argv, _ = recipe_run
     changed = [*argv, "--restorer-steps", "4"]
     with pytest.raises(ValueError, match=r"medium results made with other settings \(restorer_steps: 3 -> 4\)"):
         recipe.main(changed)
+    with pytest.raises(ValueError, match=r"medium results made with other settings \(bf16: False -> True\)"):
+        recipe.main([*argv, "--bf16"])  # the fold models' precision is part of them
     with pytest.raises(ValueError, match=r"prompts results made with other settings \(prompt_lr: 4e-05 -> 0.001\)"):
         recipe.main([*argv, "--prompt-lr", "1e-3"])
+    # same flags, other data: build_triplets' own record (folds/settings.json) refuses and names the pairs
+    pairs = (base / "run" / "pairs.jsonl").read_bytes()
+    other_data = [*argv, "--data-root", str(base / "test")]
+    with pytest.raises(ValueError, match=r"fold models trained with other settings \(pairs.* changed\)"):
+        recipe.main(other_data)
+    assert (base / "run" / "pairs.jsonl").read_bytes() == pairs
 
 
 def test_recipe_errors_for_bad_layouts_and_options(recipe_run, tmp_path):
