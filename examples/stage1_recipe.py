@@ -107,7 +107,7 @@ def parse_repeats(items: Sequence[str]) -> dict[str, int]:
 def fold_repeats(args: argparse.Namespace, pairs: list[dict]) -> dict[str, int]:
     """Task repeat factors for the fold models: ``DEFAULT_REPEATS`` and ``--restorer-repeat``, for the tasks
     in the data. A task whose images all hash to one fold is never seen by that fold's model; it is named in
-    a warning and gets no factor (``train_fold_restorer`` takes factors only for tasks it trains on)."""
+    a warning (``build_triplets`` gives each fold model the factors of the tasks it trains on)."""
     given = parse_repeats(args.restorer_repeat)
     folds: dict[str, set[int]] = {}
     for pair in pairs:
@@ -120,7 +120,7 @@ def fold_repeats(args: argparse.Namespace, pairs: list[dict]) -> dict[str, int]:
         log.warning("a fold model never trains on a task whose images all hash to its own fold: %s; use more "
                     "images or fewer folds", ", ".join(f"{task} (fold {fold})" for task, fold in one_fold.items()))
     repeats = {**DEFAULT_REPEATS, **given}
-    return {task: repeats[task] for task in sorted(folds) if task in repeats and task not in one_fold}
+    return {task: repeats[task] for task in sorted(folds) if task in repeats}
 
 
 def check_settings(path: Path, section: str, settings: dict[str, Any], artifacts_exist: bool) -> None:

@@ -125,7 +125,7 @@ def test_build_triplets_trains_each_fold_on_the_others_and_resumes(tmp_path):
     assert len(TripletImages(manifest, data, folds=[0])) + len(TripletImages(manifest, data, folds=[1])) == len(rows)
     with pytest.raises(ValueError, match="at least 2"):
         build_triplets(Halfway, pairs, data, out, k=1)
-    with pytest.raises(ValueError, match="other settings.*train changed"):
+    with pytest.raises(ValueError, match="other settings.*train.steps: 3 -> 4"):
         build_triplets(Halfway, pairs, data, out, k=2, train_kwargs=dict(steps=4, crop_size=16, batch_size=2))
     with pytest.raises(ValueError, match="pairs changed"):
         build_triplets(Halfway, pairs[:-2], data, out, k=2, train_kwargs=dict(steps=3, crop_size=16, batch_size=2))

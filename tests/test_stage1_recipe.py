@@ -186,7 +186,7 @@ def test_recipe_runs_end_to_end(recipe_run):
     # the repeat factors reach the fold models through build_triplets' train_kwargs (the tiny data holds every
     # haze image in fold 1 and every rain image in fold 0, so only noise keeps one: see the test below)
     stored = json.loads((run / "folds" / "settings.json").read_text())["train"]
-    assert stored["task_repeats"] == "{'noise': 1}" and stored["steps"] == "3" and stored["amp_dtype"] == "None"
+    assert stored["task_repeats"] == "{'haze': 1, 'noise': 1, 'rain': 120}" and stored["steps"] == "3" and stored["amp_dtype"] == "None"
     assert set(report["gates"]["per_task"]) == {"noise", "haze", "rain"}
     assert set(report["audit"]) == {"test", "holdout_fold1"}
     held_out = [row for row in triplets if row["fold"] == 1]
@@ -218,11 +218,12 @@ def test_recipe_task_repeats_follow_the_data(recipe_run, caplog):
     with pytest.raises(ValueError, match=r"--restorer-repeat names task\(s\) \['blur'\] that --data-root does not"):
         recipe.fold_repeats(args, spread)
 
-    # a task whose images all hash to one fold: that fold's model cannot train on it, its factor is dropped
+    # a task whose images all hash to one fold: that fold's model cannot train on it (a warning); the other
+    # fold's model still gets its factor (build_triplets passes each fold the factors of its own tasks)
     args.restorer_repeat = []
     pairs = recipe.scan_pairs(base / "train")
     with caplog.at_level("WARNING", logger="stage1_recipe"):
-        assert recipe.fold_repeats(args, pairs) == {"noise": 1}
+        assert recipe.fold_repeats(args, pairs) == {"haze": 1, "noise": 1, "rain": 120}
     assert "never trains on a task whose images all hash to its own fold: haze (fold 1), rain (fold 0)" in caplog.text
 
 

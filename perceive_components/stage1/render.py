@@ -176,9 +176,16 @@ def _check_settings(path: Path, settings: dict) -> None:
     if path.is_file():
         previous = json.loads(path.read_text(encoding="utf-8"))
         if previous != settings:
-            changed = sorted(key for key in settings if previous.get(key) != settings[key])
+            changed = []
+            for key in sorted(set(settings) | set(previous)):
+                old, new = previous.get(key), settings.get(key)
+                if isinstance(old, dict) and isinstance(new, dict):
+                    changed += [f"{key}.{name}: {old.get(name)} -> {new.get(name)}"
+                                for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+                elif old != new:
+                    changed.append(f"{key} changed" if isinstance(new, list) else f"{key}: {old} -> {new}")
             raise ValueError(
-                f"{path.parent} holds fold models trained with other settings ({', '.join(changed)} changed); "
+                f"{path.parent} holds fold models trained with other settings ({'; '.join(changed)}); "
                 "use a new output folder, or delete that folder to retrain"
             )
         return
@@ -214,9 +221,12 @@ def build_triplets(
         raise ValueError("k must be at least 2: each fold is rendered by a model trained on the others")
     out_dir = Path(out_dir)
     rows = assign_folds(list(pairs), k)
+    train_kwargs = dict(train_kwargs or {})
+    task_repeats = train_kwargs.pop("task_repeats", None) or {}
+    sample_weights([str(row.get("task", "all")) for row in rows], task_repeats)  # validates against all pairs
     _check_settings(out_dir / "folds" / "settings.json", {
         "k": k, "seed": seed, "pairs": sorted(row["degraded"] for row in rows),
-        "train": {key: str(value) for key, value in sorted((train_kwargs or {}).items())},
+        "train": {key: str(value) for key, value in sorted({**train_kwargs, "task_repeats": task_repeats}.items())},
     })
     write_jsonl(out_dir / "pairs.jsonl", rows)
     triplets = []
@@ -228,9 +238,16 @@ def build_triplets(
             logger.info("fold %d: reusing %s", fold, weights)
         else:
             train_rows = [row for row in rows if row["fold"] != fold]
+            present = {str(row.get("task", "all")) for row in train_rows}
+            missing = sorted(set(task for task in (str(r.get("task", "all")) for r in rows)) - present)
+            if missing:
+                logger.warning("fold %d: the model never trains on %s (all of its images hash to fold %d)",
+                               fold, missing, fold)
             resume = weights.with_suffix(".ckpt")
-            model = train_fold_restorer(factory, PairImages(train_rows, data_root), device=device, seed=seed + fold,
-                                        checkpoint=resume, progress=progress, **(train_kwargs or {}))
+            model = train_fold_restorer(
+                factory, PairImages(train_rows, data_root), device=device, seed=seed + fold, checkpoint=resume,
+                progress=progress, task_repeats={t: v for t, v in task_repeats.items() if t in present},
+                **train_kwargs)
             state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
             with atomic_write(weights) as tmp:
                 save_file(state, str(tmp))
