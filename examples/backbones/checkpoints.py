@@ -98,8 +98,9 @@ def extract_state_dict(checkpoint: Mapping[str, Any], param_key: str | None = No
         state = checkpoint
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
-            "no state dict found: expected {'params': …}, {'params_ema': …}, {'state_dict': {'net.…': …}}, {'model': …}"
-            f" or a plain dict of tensors; top-level keys are {sorted(checkpoint)[:10]} (choose one with param_key)"
+            "no state dict found: expected {'params': …}, {'params_ema': …}, {'state_dict': {'net.…': …}},"
+            " {'model': …} or a plain dict of tensors;"
+            f" top-level keys are {sorted(checkpoint)[:10]} (choose one with param_key)"
         )
     return _strip_prefix(state, "module.")
 

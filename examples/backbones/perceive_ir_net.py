@@ -141,7 +141,8 @@ class PerceiveIRNet(RestorationBackbone):
         pgm_form: str = "code",
     ) -> None:
         if len(blocks) != 4 or len(heads) != 4:
-            raise ValueError(f"blocks and heads need 4 entries (3 levels + latent), got {tuple(blocks)}, {tuple(heads)}")
+            raise ValueError(f"blocks and heads need 4 entries (3 levels + latent), got {tuple(blocks)}, "
+                             f"{tuple(heads)}")
         sgm = _build_sgm(dinov2, dinov2_pretrained, dinov2_blocks, dinov2_image_size, dinov2_kwargs, semantic_dim)
         super().__init__(dict(
             dim=dim, blocks=tuple(blocks), heads=tuple(heads), refinement_blocks=refinement_blocks,
