@@ -245,3 +245,23 @@ def test_registry_entries():
     entry = get_backbone_entry("perceive-ir-net")
     assert entry.config["dinov2"] == "vit_base_patch14_dinov2.lvd142m" and entry.config["dinov2_pretrained"]
     assert "Apache-2.0" in entry.upstream_licence
+
+
+def test_doc_examples_of_the_section_run():
+    """The ```python blocks of docs/backbones.md's section on this network run, in order (downloads skipped)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "backbones.md").read_text()
+    section = text[text.index("## The paper's own network"):text.index("## Licences")]
+    blocks = [block for block in re.findall(r"```python\n(.*?)```", section, re.S)
+              if "not run in tests" not in block.splitlines()[0]]
+    assert len(blocks) >= 3
+    namespace: dict = {}
+    torch.manual_seed(0)
+    for block in blocks:
+        exec(compile(block, "docs/backbones.md", "exec"), namespace)
+    assert namespace["restored"].shape == (2, 3, 32, 32) and namespace["tile"].shape == (1, 3, 32, 32)
+    with torch.no_grad():
+        image = torch.rand(1, 3, 32, 32)
+        torch.testing.assert_close(namespace["copy"].eval()(image), namespace["model"].eval()(image))
