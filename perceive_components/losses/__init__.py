@@ -8,7 +8,7 @@
 - ``QualityAwareLoss``: L1 + λ1·L_cl + λ2·L_clip + λ3·L_dpl, returning ``(total, terms)`` (§2.4).
 """
 from .clip_aware import CLIPAwareLoss, clip_aware_loss
-from .contrastive import DegradationContrastiveLoss, degradation_contrastive_loss
+from .contrastive import DegradationContrastiveLoss, degradation_contrastive_loss, info_nce_per_anchor
 from .perceptual import (
     DifficultyAdaptivePerceptualLoss,
     difficulty_adaptive_perceptual_loss,
@@ -28,5 +28,6 @@ __all__ = [
     "degradation_contrastive_loss",
     "difficulty_adaptive_perceptual_loss",
     "difficulty_weights",
+    "info_nce_per_anchor",
     "probe_psnr",
 ]

@@ -58,7 +58,7 @@ def clip_aware_loss(
     check_reduction(reduction)
     check_choice(form, "form", FORMS)
     scale = _check_scale(logit_scale)
-    check_images(restored, "restored")
+    check_images(restored, "restored", value_range=None)  # outputs may overshoot: clamped below
     features = perceiver.encode_images(restored, straight_through=straight_through)
     with torch.autocast(restored.device.type, enabled=False):  # the 3-way head in fp32, even under bf16 autocast
         text = perceiver.text_features().float()

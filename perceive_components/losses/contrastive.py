@@ -66,6 +66,33 @@ def _gather_bank(anchor: torch.Tensor, labels: torch.Tensor, group
     return torch.cat(banks), torch.cat(label_banks), real.reshape(-1), world
 
 
+def info_nce_per_anchor(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    labels: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    bank_valid: torch.Tensor,
+    temperature: float = TEMPERATURE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ℓ_i against an explicit negative ``bank (M, D)`` with ``bank_labels (M,)`` and ``bank_valid (M,)``.
+
+    Entry j is a negative of anchor i when ``bank_valid[j]`` and ``bank_labels[j] != labels[i]``. Returns
+    the per-anchor losses ``(B,)`` (0 where an anchor has no negative) and that validity ``(B,)``. Computed
+    in at least float32, outside autocast. The bank is used as given: detach it to stop its gradient.
+    """
+    dtype = torch.promote_types(anchor.dtype, torch.float32)
+    with torch.autocast(anchor.device.type, enabled=False):
+        z, z_pos, bank = anchor.to(dtype), positive.to(dtype), bank.to(dtype)
+        positive_logit = (z * z_pos).sum(-1, keepdim=True) / temperature                     # (B, 1)
+        is_negative = (bank_labels[None, :] != labels[:, None]) & bank_valid[None, :]        # (B, M)
+        negative_logits = (z @ bank.t() / temperature).masked_fill(~is_negative, float("-inf"))
+        logits = torch.cat([positive_logit, negative_logits], dim=1)
+        per_anchor = logits.logsumexp(dim=1) - positive_logit[:, 0]
+        valid = is_negative.any(dim=1)
+        return torch.where(valid, per_anchor, per_anchor.new_zeros(())), valid
+
+
 def degradation_contrastive_loss(
     anchor: torch.Tensor,
     positive: torch.Tensor,
@@ -94,16 +121,7 @@ def degradation_contrastive_loss(
         bank, bank_labels, world = anchor.detach(), labels, 1
         real = torch.ones_like(labels, dtype=torch.bool)
 
-    dtype = torch.promote_types(anchor.dtype, torch.float32)
-    with torch.autocast(anchor.device.type, enabled=False):
-        z, z_pos, bank = anchor.to(dtype), positive.to(dtype), bank.to(dtype)
-        positive_logit = (z * z_pos).sum(-1, keepdim=True) / temperature                     # (B, 1)
-        is_negative = (bank_labels[None, :] != labels[:, None]) & real[None, :]              # (B, W·M)
-        negative_logits = (z @ bank.t() / temperature).masked_fill(~is_negative, float("-inf"))
-        logits = torch.cat([positive_logit, negative_logits], dim=1)
-        per_anchor = logits.logsumexp(dim=1) - positive_logit[:, 0]                         # ℓ_i
-        valid = is_negative.any(dim=1)
-        per_anchor = torch.where(valid, per_anchor, per_anchor.new_zeros(()))
+    per_anchor, valid = info_nce_per_anchor(anchor, positive, labels, bank, bank_labels, real, temperature)
     if reduction == "none":
         return per_anchor
 
@@ -111,7 +129,7 @@ def degradation_contrastive_loss(
     if not distributed:
         count = valid.sum()
         return local_sum / count.clamp_min(1) if reduction == "mean" else local_sum
-    stats = torch.stack([local_sum.detach(), valid.sum().to(dtype)])
+    stats = torch.stack([local_sum.detach(), valid.sum().to(local_sum.dtype)])
     dist.all_reduce(stats, group=process_group)
     global_sum, global_count = stats[0], stats[1]
     scale = float(world) if ddp_mean_gradients else 1.0

@@ -75,8 +75,9 @@ class VGGFeatures(nn.Module):
         self.taps = taps
         self.tap_positions = tuple(positions)
         self.features = copy.deepcopy(_features_of(vgg)[: positions[-1] + 1])  # truncated after the last tap
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # float64 constants, cast to the input's dtype at use (exact in float64 checks)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
