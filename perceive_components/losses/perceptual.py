@@ -48,14 +48,65 @@ def difficulty_weights(negative_psnr: torch.Tensor, reference_psnr: torch.Tensor
                        negative_psnr.new_tensor(very_hard_weight))
 
 
-def _mean_abs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (at_least_float32(a) - at_least_float32(b)).abs().flatten(1).mean(1)
+def _sign_int8(diff: torch.Tensor) -> torch.Tensor:
+    return diff.sign_().to(torch.int8)  # d|x|/dx, kept in one byte per element until the backward pass
+
+
+class _MeanAbsToAnchor(torch.autograd.Function):
+    """D = mean |a − o| between anchor feature maps and constant ones; the gradient goes to the anchors.
+
+    ``forward(anchor (B, C, H, W), paired (P, B, C, H, W), gathered (N, C, H, W), owner (N,), counts)``
+    returns ``(P, B)`` distances to the paired maps (G and L) and ``(N,)`` distances of the gathered maps
+    (valid proxy negatives, sample-major: row n belongs to sample ``owner[n]``, ``counts[b]`` rows each)
+    to their sample's anchor.
+    Versus the autograd graph of ``(a[owner] − o).abs().mean()``: no copy of the anchor per negative, no
+    saved float ``|a − o|`` (only its sign, as int8: a quarter of the memory), no temporaries in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor, paired, gathered, owner, counts):
+        numel = anchor[0].numel()
+        diff_paired = anchor.unsqueeze(0) - paired
+        diff_gathered = torch.empty_like(gathered)
+        start = 0
+        for sample, count in enumerate(counts):
+            if count:
+                torch.sub(anchor[sample : sample + 1], gathered[start : start + count],
+                          out=diff_gathered[start : start + count])
+                start += count
+        paired_dist = torch.linalg.vector_norm(diff_paired.flatten(2), ord=1, dim=2) / numel
+        gathered_dist = torch.linalg.vector_norm(diff_gathered.flatten(1), ord=1, dim=1) / numel
+        ctx.save_for_backward(_sign_int8(diff_paired), _sign_int8(diff_gathered), owner)
+        ctx.numel = numel
+        return paired_dist, gathered_dist
+
+    @staticmethod
+    def backward(ctx, grad_paired, grad_gathered):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        sign_paired, sign_gathered, owner = ctx.saved_tensors
+        trailing = (1,) * (sign_gathered.ndim - 1)
+        scale_paired = (grad_paired / ctx.numel).view(grad_paired.shape + trailing)
+        scale_gathered = (grad_gathered / ctx.numel).view((-1,) + trailing)
+        grad = sign_paired[0] * scale_paired[0]
+        for index in range(1, sign_paired.shape[0]):
+            grad.addcmul_(sign_paired[index], scale_paired[index])
+        if _vectorized_backward(grad):   # three large kernels; the caching allocator makes the temporary free
+            grad.index_add_(0, owner, sign_gathered.to(grad.dtype).mul_(scale_gathered))
+        else:                             # in place, no temporaries (fresh CPU memory costs page faults)
+            for row, sample in enumerate(owner.tolist()):
+                grad[sample].addcmul_(sign_gathered[row], scale_gathered[row])
+        return grad, None, None, None, None
+
+
+def _vectorized_backward(grad: torch.Tensor) -> bool:
+    return grad.is_cuda
 
 
 def _valid_negatives(restored: torch.Tensor, negatives: torch.Tensor | None, mask: torch.Tensor | None
                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Validate ``negatives (B, K, 3, H, W)`` / ``mask (B, K)``; return the valid ones ``(N, 3, H, W)`` and
-    the sample index each belongs to ``(N,)`` (``None, None`` when there are none)."""
+    the sample index each belongs to ``(N,)``, sample-major (``None, None`` when there are none)."""
     batch, _, height, width = restored.shape
     if negatives is None:
         if mask is not None:
@@ -149,13 +200,16 @@ def difficulty_adaptive_perceptual_loss(
     if len(anchors) != len(layer_weights):
         raise ValueError(f"features returned {len(anchors)} maps but layer_weights has {len(layer_weights)} entries")
 
+    owner_rows = owner if valid is not None else torch.zeros(0, dtype=torch.long, device=restored.device)
+    counts = torch.bincount(owner_rows, minlength=batch).tolist()
     ratio = 0.0
     for weight, anchor, other in zip(layer_weights, anchors, others):
-        positive = _mean_abs(anchor, other[:batch])
-        denominator = w_easy * _mean_abs(anchor, other[batch : 2 * batch])
+        anchor, other = at_least_float32(anchor), at_least_float32(other)  # distances in fp32 under autocast
+        paired = other[: 2 * batch].unflatten(0, (2, batch))
+        (positive, easy), push = _MeanAbsToAnchor.apply(anchor, paired, other[2 * batch :], owner_rows, counts)
+        denominator = w_easy * easy
         if valid is not None:
-            push = weights.to(denominator.dtype) * _mean_abs(anchor[owner], other[2 * batch :])
-            denominator = denominator.index_add(0, owner, push)
+            denominator = denominator.index_add(0, owner, weights.to(denominator.dtype) * push)
         ratio = ratio + weight * positive / denominator.clamp_min(eps)
     return reduce(ratio, reduction)
 
