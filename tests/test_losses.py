@@ -145,20 +145,23 @@ def test_dpl_gradcheck_float64():
     assert torch.autograd.gradcheck(ratio, (restored,), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
-def test_dpl_gpu_style_backward_matches_the_cpu_one(monkeypatch):
-    """The CUDA branch of the distance backward (vectorized index_add) gives the CPU branch's gradients."""
+def test_dpl_accelerator_path_matches_the_cpu_path(monkeypatch):
+    """The accelerator branch of the distances (batched kernels) gives the CPU branch's values and gradients."""
     import perceive_components.losses.perceptual as perceptual
 
     features = VGGFeatures(tiny_vgg_stack(2)).double()
     restored = images(3, 3, 12, 12, seed=1, dtype=torch.float64).requires_grad_()
     others = [images(3, 3, 12, 12, seed=s, dtype=torch.float64) for s in (2, 3)]
     negatives, mask = images(3, 3, 3, 12, 12, seed=4, dtype=torch.float64), torch.rand(3, 3) > 0.3
-    grads = []
+    values, grads = [], []
     for vectorized in (False, True):
-        monkeypatch.setattr(perceptual, "_vectorized_backward", lambda grad: vectorized)
+        monkeypatch.setattr(perceptual, "_vectorized", lambda tensor: vectorized)
         restored.grad = None
-        difficulty_adaptive_perceptual_loss(restored, *others, negatives, mask, features=features).backward()
+        loss = difficulty_adaptive_perceptual_loss(restored, *others, negatives, mask, features=features)
+        loss.backward()
+        values.append(loss.detach())
         grads.append(restored.grad.clone())
+    torch.testing.assert_close(values[0], values[1], rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-15)
 
 

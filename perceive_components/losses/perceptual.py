@@ -66,17 +66,31 @@ class _MeanAbsToAnchor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor, paired, gathered, owner, counts):
         numel = anchor[0].numel()
-        diff_paired = anchor.unsqueeze(0) - paired
-        diff_gathered = torch.empty_like(gathered)
-        start = 0
-        for sample, count in enumerate(counts):
-            if count:
+        if _vectorized(anchor):
+            diff_paired = anchor.unsqueeze(0) - paired
+            diff_gathered = torch.empty_like(gathered)
+            start = 0
+            for sample, count in enumerate(counts):
                 torch.sub(anchor[sample : sample + 1], gathered[start : start + count],
                           out=diff_gathered[start : start + count])
                 start += count
-        paired_dist = torch.linalg.vector_norm(diff_paired.flatten(2), ord=1, dim=2) / numel
-        gathered_dist = torch.linalg.vector_norm(diff_gathered.flatten(1), ord=1, dim=1) / numel
-        ctx.save_for_backward(_sign_int8(diff_paired), _sign_int8(diff_gathered), owner)
+            paired_dist = torch.linalg.vector_norm(diff_paired.flatten(2), ord=1, dim=2) / numel
+            gathered_dist = torch.linalg.vector_norm(diff_gathered.flatten(1), ord=1, dim=1) / numel
+            sign_paired, sign_gathered = _sign_int8(diff_paired), _sign_int8(diff_gathered)
+        else:  # row by row through one cache-hot scratch map: no large float temporaries
+            rows = [(sample, paired[index, sample]) for index in range(paired.shape[0]) for sample in range(len(counts))]
+            rows += [(sample, gathered[row]) for row, sample in enumerate(owner.tolist())]
+            signs = torch.empty((len(rows),) + anchor.shape[1:], dtype=torch.int8, device=anchor.device)
+            scratch, sign, norms = torch.empty_like(anchor[0]), torch.empty_like(anchor[0]), []
+            for row, (sample, other) in enumerate(rows):
+                torch.sub(anchor[sample], other, out=scratch)
+                signs[row].copy_(torch.sign(scratch, out=sign))
+                norms.append(scratch.abs_().sum())
+            dist = torch.stack(norms) / numel if rows else anchor.new_zeros(0)
+            split = paired.shape[0] * len(counts)
+            paired_dist, gathered_dist = dist[:split].view(paired.shape[:2]), dist[split:]
+            sign_paired, sign_gathered = signs[:split].view(paired.shape[:2] + anchor.shape[1:]), signs[split:]
+        ctx.save_for_backward(sign_paired, sign_gathered, owner)
         ctx.numel = numel
         return paired_dist, gathered_dist
 
@@ -91,7 +105,7 @@ class _MeanAbsToAnchor(torch.autograd.Function):
         grad = sign_paired[0] * scale_paired[0]
         for index in range(1, sign_paired.shape[0]):
             grad.addcmul_(sign_paired[index], scale_paired[index])
-        if _vectorized_backward(grad):   # three large kernels; the caching allocator makes the temporary free
+        if _vectorized(grad):   # three large kernels; the caching allocator makes the temporary free
             grad.index_add_(0, owner, sign_gathered.to(grad.dtype).mul_(scale_gathered))
         else:                             # in place, no temporaries (fresh CPU memory costs page faults)
             for row, sample in enumerate(owner.tolist()):
@@ -99,8 +113,9 @@ class _MeanAbsToAnchor(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def _vectorized_backward(grad: torch.Tensor) -> bool:
-    return grad.is_cuda
+def _vectorized(tensor: torch.Tensor) -> bool:
+    """Large batched kernels on accelerators; row-by-row on the CPU, where fresh memory costs page faults."""
+    return tensor.device.type != "cpu"
 
 
 def _valid_negatives(restored: torch.Tensor, negatives: torch.Tensor | None, mask: torch.Tensor | None
