@@ -320,3 +320,12 @@ def _restore_import_path():
     yield
     sys.path[:] = path
     sys.modules.pop("myproxies", None)
+
+
+def test_docs_example_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "negatives.md").read_text(encoding="utf-8")
+    code = re.search(r"<!-- example: render-cache -->\s*```python\n(.*?)```", text, re.S).group(1)
+    exec(compile(code, "docs/negatives.md", "exec"), {})
