@@ -115,4 +115,5 @@ class CLIPAwareLoss(FrozenHolder):
 
     def extra_repr(self) -> str:
         scale = self.perceiver.logit_scale if self.logit_scale is None else self.logit_scale
-        return f"form={self.form!r}, logit_scale={scale:g}, loss_weight={self.loss_weight}, reduction={self.reduction!r}"
+        return (f"form={self.form!r}, logit_scale={scale:g}, loss_weight={self.loss_weight}, "
+                f"reduction={self.reduction!r}")

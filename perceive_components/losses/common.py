@@ -13,9 +13,8 @@ def check_reduction(reduction: object) -> str:
 
 
 def check_loss_weight(loss_weight: object, name: str = "loss_weight") -> float:
-    if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) or not loss_weight >= 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {loss_weight!r}")
-    if loss_weight == float("inf"):
+    if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)) \
+            or not 0 <= loss_weight < float("inf"):
         raise ValueError(f"{name} must be a finite number >= 0, got {loss_weight!r}")
     return float(loss_weight)
 

@@ -31,7 +31,8 @@ def _check_inputs(anchor: object, positive: object, labels: object) -> None:
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if not anchor.is_floating_point() or anchor.ndim != 2:
-        raise ValueError(f"anchor must be a floating (B, D) tensor of embeddings, got {anchor.dtype} {tuple(anchor.shape)}")
+        raise ValueError(f"anchor must be a floating (B, D) tensor of embeddings, "
+                         f"got {anchor.dtype} {tuple(anchor.shape)}")
     if tuple(positive.shape) != tuple(anchor.shape) or not positive.is_floating_point():
         raise ValueError(f"positive must be a floating tensor of the anchor's shape {tuple(anchor.shape)}, "
                          f"got {positive.dtype} {tuple(positive.shape)}")
@@ -62,7 +63,8 @@ def _gather_bank(anchor: torch.Tensor, labels: torch.Tensor, group
     label_banks = [torch.empty_like(padded_labels) for _ in range(world)]
     dist.all_gather(banks, padded.contiguous(), group=group)
     dist.all_gather(label_banks, padded_labels.contiguous(), group=group)
-    real = torch.arange(largest, device=anchor.device).expand(world, largest) < torch.tensor(sizes_list, device=anchor.device)[:, None]
+    positions = torch.arange(largest, device=anchor.device).expand(world, largest)
+    real = positions < torch.tensor(sizes_list, device=anchor.device)[:, None]
     return torch.cat(banks), torch.cat(label_banks), real.reshape(-1), world
 
 

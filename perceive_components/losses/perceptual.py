@@ -71,14 +71,16 @@ class _MeanAbsToAnchor(torch.autograd.Function):
             diff_gathered = torch.empty_like(gathered)
             start = 0
             for sample, count in enumerate(counts):
-                torch.sub(anchor[sample : sample + 1], gathered[start : start + count],
-                          out=diff_gathered[start : start + count])
-                start += count
+                if count:
+                    torch.sub(anchor[sample : sample + 1], gathered[start : start + count],
+                              out=diff_gathered[start : start + count])
+                    start += count
             paired_dist = torch.linalg.vector_norm(diff_paired.flatten(2), ord=1, dim=2) / numel
             gathered_dist = torch.linalg.vector_norm(diff_gathered.flatten(1), ord=1, dim=1) / numel
             sign_paired, sign_gathered = _sign_int8(diff_paired), _sign_int8(diff_gathered)
         else:  # row by row through one cache-hot scratch map: no large float temporaries
-            rows = [(sample, paired[index, sample]) for index in range(paired.shape[0]) for sample in range(len(counts))]
+            rows = [(sample, paired[index, sample]) for index in range(paired.shape[0])
+                    for sample in range(len(counts))]
             rows += [(sample, gathered[row]) for row, sample in enumerate(owner.tolist())]
             signs = torch.empty((len(rows),) + anchor.shape[1:], dtype=torch.int8, device=anchor.device)
             scratch, sign, norms = torch.empty_like(anchor[0]), torch.empty_like(anchor[0]), []
@@ -142,7 +144,8 @@ def _valid_negatives(restored: torch.Tensor, negatives: torch.Tensor | None, mas
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must have dtype torch.bool (use mask.bool()), got {mask.dtype}")
         if tuple(mask.shape) != (batch, count):
-            raise ValueError(f"mask must have shape (B, K) = ({batch}, {count}) to match negatives, got {tuple(mask.shape)}")
+            raise ValueError(f"mask must have shape (B, K) = ({batch}, {count}) to match negatives, "
+                             f"got {tuple(mask.shape)}")
         if count == 0:
             raise ValueError("mask was given for K = 0 negatives; drop the mask (or the empty negatives)")
     if count == 0:

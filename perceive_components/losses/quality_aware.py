@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..ops.validation import check_same_shape
 from .clip_aware import CLIPAwareLoss
 from .common import at_least_float32, check_loss_weight, check_reduction, reduce
 from .contrastive import TEMPERATURE, DegradationContrastiveLoss
@@ -108,8 +109,7 @@ class QualityAwareLoss(nn.Module):
         if self.clip_loss is not None:
             weighted.append((self.clip_weight, "clip", self.clip_loss(restored)))
         if self.l1_weight > 0:
-            if tuple(gt.shape) != tuple(restored.shape):
-                raise ValueError(f"gt must have the same shape as restored {tuple(restored.shape)}, got {tuple(gt.shape)}")
+            check_same_shape(restored, "restored", gt, "gt")
             l1 = (at_least_float32(restored) - at_least_float32(gt)).abs().flatten(1).mean(1)
             weighted.append((self.l1_weight, "l1", l1))
 

@@ -68,7 +68,8 @@ class VGGFeatures(nn.Module):
         taps = tuple(taps)
         unknown = [name for name in taps if name not in available]
         if not taps or unknown:
-            raise ValueError(f"taps must be ReLU names of the VGG, one of {list(available)}; got unknown {unknown or taps}")
+            raise ValueError(f"taps must be ReLU names of the VGG, one of {list(available)}; "
+                             f"got unknown {unknown or taps}")
         positions = [available[name] for name in taps]
         if positions != sorted(set(positions)):
             raise ValueError(f"taps must be distinct and ordered shallow to deep, got {taps}")
@@ -76,8 +77,8 @@ class VGGFeatures(nn.Module):
         self.tap_positions = tuple(positions)
         self.features = copy.deepcopy(_features_of(vgg)[: positions[-1] + 1])  # truncated after the last tap
         # float64 constants, cast to the input's dtype at use (exact in float64 checks)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1), persistent=False)
+        for name, value in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+            self.register_buffer(name, torch.tensor(value, dtype=torch.float64).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)

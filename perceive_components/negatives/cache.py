@@ -77,7 +77,8 @@ def items_from_manifest(manifest: str | os.PathLike, root: str | os.PathLike) ->
                 row = json.loads(line)
                 key = Path(row["input"]).as_posix()
             except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise ValueError(f"{manifest}:{number}: expected a JSON object with an 'input' path, got {line.strip()!r}") from error
+                raise ValueError(f"{manifest}:{number}: expected a JSON object with an 'input' path, "
+                                 f"got {line.strip()!r}") from error
             fold = row.get("fold")
             items.append(CacheItem(key, root / key, row.get("task"), None if fold is None else int(fold)))
     return items
