@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..ops.frozen import FrozenHolder
 from ..ops.metrics import psnr
@@ -97,6 +98,7 @@ class _MeanAbsToAnchor(torch.autograd.Function):
         return paired_dist, gathered_dist
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_paired, grad_gathered):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None

@@ -81,7 +81,7 @@ class ProxyNegatives(FrozenHolder):
         batch, _, height, width = degraded.shape
         count = len(self.names)
         if mask is None:
-            mask = self.coverage(labels.to(degraded.device)) if labels is not None else \
+            mask = self.coverage(torch.as_tensor(labels, device=degraded.device)) if labels is not None else \
                 torch.ones(batch, count, dtype=torch.bool, device=degraded.device)
         elif mask.dtype != torch.bool or tuple(mask.shape) != (batch, count):
             raise ValueError(f"mask must be a bool tensor of shape (B, K) = ({batch}, {count}), "
