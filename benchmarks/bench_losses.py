@@ -1,7 +1,8 @@
 """Cost of QualityAwareLoss (fwd+bwd) against the bare network passes it cannot avoid.
 
-At 128² crops, batch 4, K = 4 proxy negatives, one run measures (timed round-robin, medians, so every
-case sees the same load):
+At 128² crops, batch 4, K = 4 proxy negatives, one run measures (every round times each case once;
+each ratio is taken within a round, so both sides see the same load, and the median over rounds is
+reported with its range):
 
 - ``ours``: ``QualityAwareLoss`` forward + backward (L1 + L_cl + L_clip + L_dpl, all negatives valid);
 - the bare passes: CLIP image fwd+bwd on the output (bicubic resize to 224, normalisation, ViT-B/32),
@@ -15,8 +16,10 @@ The networks are the real architectures with random weights (open_clip ``ViT-B-3
 ``pretrained=None``; timm ``vgg16.tv_in1k`` with ``pretrained=False``): the same compute as the
 pretrained ones, without a download.
 
-    python benchmarks/bench_losses.py                          # CPU, fp32
-    python benchmarks/bench_losses.py --device cuda --bf16     # GPU, bf16 autocast around every case
+    python benchmarks/bench_losses.py                                    # CPU, fp32, wall clock
+    python benchmarks/bench_losses.py --threads 1 --clock cpu --repeats 9  # shared CPU: CPU time of one thread
+    python benchmarks/bench_losses.py --device cuda --bf16               # GPU, bf16 autocast around every case
+    python benchmarks/bench_losses.py --device cuda                      # GPU, fp32
 """
 from __future__ import annotations
 
@@ -188,14 +191,19 @@ def main() -> None:
 
     rest = f"bare_vgg_nograd_{2 * b + b * k}_images"
     bare = median["bare_clip_fwd_bwd"] + median["bare_vgg_fwd_bwd"] + median[rest]
-    ratios = {
-        "ours / sum of bare passes (target <= 1.10)": median["ours_K4_all_valid"] / bare,
-        "K=4 all masked / no negatives (masked cost nothing: ~1.00)":
-            median["ours_K4_all_masked"] / median["ours_no_negatives"],
-        "K=4 half masked / K=2 all valid (~1.00)": median["ours_K4_half_masked"] / median["ours_K2_all_valid"],
+    definitions = {  # label: (numerator cases, denominator cases), compared round by round
+        "ours / sum of bare passes (target <= 1.10)":
+            (["ours_K4_all_valid"], ["bare_clip_fwd_bwd", "bare_vgg_fwd_bwd", rest]),
+        "K=4 all masked / no negatives (masked cost nothing: ~1.00)": (["ours_K4_all_masked"], ["ours_no_negatives"]),
+        "K=4 half masked / K=2 all valid (~1.00)": (["ours_K4_half_masked"], ["ours_K2_all_valid"]),
         "straightforward DPL / our DPL, K=4 half masked (speed-up)":
-            median["dpl_straightforward_half_masked"] / median["dpl_ours_half_masked"],
+            (["dpl_straightforward_half_masked"], ["dpl_ours_half_masked"]),
     }
+    ratios = {}
+    for label, (numerator, denominator) in definitions.items():
+        per_round = [sum(samples[c][r] for c in numerator) / sum(samples[c][r] for c in denominator)
+                     for r in range(repeats)]
+        ratios[label] = (statistics.median(per_round), min(per_round), max(per_round))
     name = torch.cuda.get_device_name(device) if on_gpu else "CPU"
     print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{'bf16 autocast' if args.bf16 else 'fp32'}, {s}² crops, batch {b}, K = {k}, {repeats} rounds "
@@ -206,9 +214,9 @@ def main() -> None:
         memory = f" {peak_mib[case]:.0f} |" if on_gpu else ""
         print(f"| {case} | {1000 * value:.1f} |{memory}")
     print(f"| sum of bare passes | {1000 * bare:.1f} |{' |' if on_gpu else ''}")
-    print("\n| ratio | value |\n|---|---|")
-    for label, value in ratios.items():
-        print(f"| {label} | {value:.3f}x |")
+    print("\n| ratio (per round, same load) | median | min – max |\n|---|---|---|")
+    for label, (mid, low, high) in ratios.items():
+        print(f"| {label} | {mid:.3f}x | {low:.3f} – {high:.3f} |")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "bf16": args.bf16, "size": s, "batch": b, "proxies": k,
                                          "repeats": repeats, "clock": args.clock, "threads": torch.get_num_threads(),
