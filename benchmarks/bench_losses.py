@@ -68,6 +68,15 @@ def build(device: torch.device):
     return criterion, criterion.clip_loss.perceiver, criterion.perceptual_loss.vgg
 
 
+def count_gflop(fn: Callable[[], None]) -> float:
+    """Matmul/convolution GFLOP of one call, forward and backward (torch.utils.flop_counter): noise-free."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
 def peak_memory(fn: Callable[[], None], device: torch.device) -> float:
     """MiB allocated at the peak of one call, above what was allocated before it."""
     torch.cuda.synchronize(device)
@@ -188,6 +197,7 @@ def main() -> None:
             samples[name].append(timed(fn))
     median = {name: statistics.median(values) for name, values in samples.items()}
     peak_mib = {name: peak_memory(fn, device) for name, fn in cases.items()} if on_gpu else {}
+    gflop = {name: count_gflop(fn) for name, fn in cases.items()}
 
     rest = f"bare_vgg_nograd_{2 * b + b * k}_images"
     bare = median["bare_clip_fwd_bwd"] + median["bare_vgg_fwd_bwd"] + median[rest]
@@ -209,18 +219,21 @@ def main() -> None:
           f"{'bf16 autocast' if args.bf16 else 'fp32'}, {s}² crops, batch {b}, K = {k}, {repeats} rounds "
           f"(medians, {args.clock} clock), random-weight ViT-B/32 CLIP and VGG-16")
     memory_header = (" peak MiB |", "---|") if on_gpu else ("", "")
-    print(f"\n| case | median ms |{memory_header[0]}\n|---|---|{memory_header[1]}")
+    print(f"\n| case | median ms | GFLOP |{memory_header[0]}\n|---|---|---|{memory_header[1]}")
     for case, value in median.items():
         memory = f" {peak_mib[case]:.0f} |" if on_gpu else ""
-        print(f"| {case} | {1000 * value:.1f} |{memory}")
-    print(f"| sum of bare passes | {1000 * bare:.1f} |{' |' if on_gpu else ''}")
-    print("\n| ratio (per round, same load) | median | min – max |\n|---|---|---|")
+        print(f"| {case} | {1000 * value:.1f} | {gflop[case]:.2f} |{memory}")
+    bare_gflop = sum(gflop[c] for c in ("bare_clip_fwd_bwd", "bare_vgg_fwd_bwd", rest))
+    print(f"| sum of bare passes | {1000 * bare:.1f} | {bare_gflop:.2f} |{' |' if on_gpu else ''}")
+    print("\n| ratio (time: per round, same load) | median | min – max | GFLOP ratio |\n|---|---|---|---|")
     for label, (mid, low, high) in ratios.items():
-        print(f"| {label} | {mid:.3f}x | {low:.3f} – {high:.3f} |")
+        numerator, denominator = definitions[label]
+        flop_ratio = sum(gflop[c] for c in numerator) / sum(gflop[c] for c in denominator)
+        print(f"| {label} | {mid:.3f}x | {low:.3f} – {high:.3f} | {flop_ratio:.4f} |")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "bf16": args.bf16, "size": s, "batch": b, "proxies": k,
                                          "repeats": repeats, "clock": args.clock, "threads": torch.get_num_threads(),
-                                         "median_s": median, "bare_sum_s": bare, "peak_mib": peak_mib,
+                                         "median_s": median, "bare_sum_s": bare, "peak_mib": peak_mib, "gflop": gflop,
                                          "ratios": ratios}, indent=2))
 
 
