@@ -60,8 +60,9 @@ class _MeanAbsToAnchor(torch.autograd.Function):
     returns ``(P, B)`` distances to the paired maps (G and L) and ``(N,)`` distances of the gathered maps
     (valid proxy negatives, sample-major: row n belongs to sample ``owner[n]``, ``counts[b]`` rows each)
     to their sample's anchor.
-    Versus the autograd graph of ``(a[owner] − o).abs().mean()``: no copy of the anchor per negative, no
-    saved float ``|a − o|`` (only its sign, as int8: a quarter of the memory), no temporaries in backward.
+    Versus the autograd graph of ``(a[owner] − o).abs().mean()``: no copy of the anchor per negative and
+    no saved float ``|a − o|`` (only its sign, as int8: a quarter of the memory); on the CPU no large
+    temporaries at all (row by row through a cache-hot scratch map), on accelerators a few batched kernels.
     """
 
     @staticmethod
@@ -79,7 +80,7 @@ class _MeanAbsToAnchor(torch.autograd.Function):
             paired_dist = torch.linalg.vector_norm(diff_paired.flatten(2), ord=1, dim=2) / numel
             gathered_dist = torch.linalg.vector_norm(diff_gathered.flatten(1), ord=1, dim=1) / numel
             sign_paired, sign_gathered = _sign_int8(diff_paired), _sign_int8(diff_gathered)
-        else:  # row by row through one cache-hot scratch map: no large float temporaries
+        else:  # row by row through one cache-hot scratch map
             rows = [(sample, paired[index, sample]) for index in range(paired.shape[0])
                     for sample in range(len(counts))]
             rows += [(sample, gathered[row]) for row, sample in enumerate(owner.tolist())]
@@ -109,9 +110,9 @@ class _MeanAbsToAnchor(torch.autograd.Function):
         grad = sign_paired[0] * scale_paired[0]
         for index in range(1, sign_paired.shape[0]):
             grad.addcmul_(sign_paired[index], scale_paired[index])
-        if _vectorized(grad):   # three large kernels; the caching allocator makes the temporary free
+        if _vectorized(grad):  # three large kernels; the caching allocator makes the temporary free
             grad.index_add_(0, owner, sign_gathered.to(grad.dtype).mul_(scale_gathered))
-        else:                             # in place, no temporaries (fresh CPU memory costs page faults)
+        else:  # in place, no temporaries (fresh CPU memory costs page faults)
             for row, sample in enumerate(owner.tolist()):
                 grad[sample].addcmul_(sign_gathered[row], scale_gathered[row])
         return grad, None, None, None, None
