@@ -147,7 +147,7 @@ def test_dpl_gradcheck_float64():
 
 def test_dpl_accelerator_path_matches_the_cpu_path(monkeypatch):
     """The accelerator branch of the distances (batched kernels) gives the CPU branch's values and gradients."""
-    import perceive_components.losses.perceptual as perceptual
+    import perceive_components.losses.feature_distance as feature_distance
 
     features = VGGFeatures(tiny_vgg_stack(2)).double()
     restored = images(3, 3, 12, 12, seed=1, dtype=torch.float64).requires_grad_()
@@ -155,7 +155,7 @@ def test_dpl_accelerator_path_matches_the_cpu_path(monkeypatch):
     negatives, mask = images(3, 3, 3, 12, 12, seed=4, dtype=torch.float64), torch.rand(3, 3) > 0.3
     values, grads = [], []
     for vectorized in (False, True):
-        monkeypatch.setattr(perceptual, "_vectorized", lambda tensor: vectorized)
+        monkeypatch.setattr(feature_distance, "_vectorized", lambda tensor: vectorized)
         restored.grad = None
         loss = difficulty_adaptive_perceptual_loss(restored, *others, negatives, mask, features=features)
         loss.backward()
