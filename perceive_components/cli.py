@@ -6,6 +6,7 @@
     perceive-ir stage1 gates --triplets DIR/triplets.jsonl --root ROOT [--json]
     perceive-ir stage1 train-prompts --triplets DIR/triplets.jsonl --root ROOT --out PERCEIVER_DIR [...]
     perceive-ir stage1 audit --perceiver DIR --triplets DIR/triplets.jsonl --root ROOT [--json] [--record]
+    perceive-ir cache render|inspect …   (proxy negatives rendered once to disk; see docs/negatives.md)
 
 Exit codes: 0 success, 1 a failure while running (unreadable file, bad data), 2 bad arguments.
 """
@@ -296,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--record", action="store_true", help="write the audit into the perceiver folder")
     audit.add_argument("--device")
     audit.set_defaults(func=cmd_audit)
+
+    from .negatives.cli import register as register_cache
+
+    register_cache(commands)  # perceive-ir cache render|inspect
     return parser
 
 
@@ -304,11 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        args.func(args)
+        code = args.func(args)
     except (CommandError, FileNotFoundError, ValueError, TypeError, RuntimeError, OSError) as error:
         print(f"perceive-ir: error: {error}", file=sys.stderr)
         return EXIT_FAILURE
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":
