@@ -13,8 +13,6 @@ Exit codes: 0 success, 1 a failure while running (unreadable file, bad data), 2 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import logging
 import sys
@@ -49,22 +47,9 @@ def _load_perceiver(source: str, clip_model: str | None, pretrained: str | None)
 
 def _factory(spec: str, kwargs_json: str | None) -> Callable:
     """``package.module:callable`` or ``path/to/file.py:callable`` → a zero-argument model factory."""
-    module_name, _, attr = spec.partition(":")
-    if not attr:
-        raise CommandError(f"--restorer must look like 'module:factory' or 'file.py:factory', got {spec!r}")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise CommandError(f"--restorer file {module_name!r} does not exist")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-        factory = getattr(module, attr)
-    except (ImportError, AttributeError) as error:
-        raise CommandError(f"--restorer {spec!r} cannot be imported: {error}") from error
+    from .ops.imports import load_callable
+
+    factory = load_callable(spec, "--restorer")
     try:
         kwargs = json.loads(kwargs_json) if kwargs_json else {}
     except json.JSONDecodeError as error:

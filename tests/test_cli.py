@@ -115,7 +115,15 @@ def test_stage1_bad_arguments(tmp_path, capsys):
     assert "cannot be imported" in capsys.readouterr().err
     assert main(["stage1", "render", "--pairs", str(tmp_path / "p.jsonl"), "--root", str(tmp_path),
                  "--out", str(tmp_path / "o"), "--restorer", "torch.nn"]) == 1
-    assert "module:factory" in capsys.readouterr().err
+    assert "MODULE:CALLABLE" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["stage1", "audit", "--triplets", "t.jsonl"])
     assert info.value.code == 2
+
+
+def test_cache_subcommand_is_wired_with_clean_errors(tmp_path, capsys):
+    assert main(["cache", "inspect", "--cache", str(tmp_path / "nowhere")]) == 1
+    assert capsys.readouterr().err.startswith("perceive-ir: error:")
+    assert main(["cache", "render", "--cache", str(tmp_path / "c"), "--slot", "s", "--model", "nocolon",
+                 "--input-root", str(tmp_path)]) == 1
+    assert "--model must look like MODULE:CALLABLE" in capsys.readouterr().err

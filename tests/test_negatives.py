@@ -285,7 +285,7 @@ def test_cli_render_with_checkpoint_and_inspect(tmp_path, dataset, capsys, monke
     torch.save({"params": {f"net.{k}": v for k, v in trained.state_dict().items()}}, tmp_path / "proxy.pth")
     cache_dir = tmp_path / "cache"
     common = ["--cache", str(cache_dir), "--input-root", str(root), "--manifest", str(manifest)]
-    with pytest.raises(SystemExit):
+    with pytest.raises(FileNotFoundError):
         _cli(["cache", "inspect", "--cache", str(tmp_path / "nowhere")])
     rc = _cli(["cache", "render", *common, "--slot", "mix", "--model", f"{tmp_path / 'myproxies.py'}:build",
                "--model-kwargs", '{"bias": 0.5}', "--checkpoint", str(tmp_path / "proxy.pth"), "--tasks", "rain",
@@ -309,7 +309,7 @@ def test_cli_render_with_checkpoint_and_inspect(tmp_path, dataset, capsys, monke
 
 def test_cli_rejects_a_bad_model_spec(tmp_path, dataset):
     root, _ = dataset
-    with pytest.raises(SystemExit, match="MODULE:CALLABLE"):
+    with pytest.raises(ValueError, match="MODULE:CALLABLE"):
         _cli(["cache", "render", "--cache", str(tmp_path / "c"), "--slot", "s", "--model", "nocolon",
               "--input-root", str(root)])
 

@@ -12,16 +12,12 @@ prefix shared by every key are unwrapped).
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
-import os
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..ops.imports import load_callable
 from .cache import FILE_FORMATS, RenderCache, items_from_folder, items_from_manifest
 
 PRECISIONS = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -77,22 +73,9 @@ def _items(args: argparse.Namespace):
 
 def build_model(spec: str, kwargs: dict) -> nn.Module:
     """Call ``MODULE:CALLABLE`` / ``file.py:CALLABLE`` with ``kwargs``; it must return an ``nn.Module``."""
-    module_name, _, attribute = spec.rpartition(":")
-    if not module_name or not attribute:
-        raise SystemExit(f"error: --model must look like MODULE:CALLABLE or file.py:CALLABLE, got {spec!r}")
-    if module_name.endswith(".py"):
-        module_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-        if module_spec is None or not Path(module_name).is_file():
-            raise SystemExit(f"error: --model file {module_name!r} does not exist")
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        if os.getcwd() not in sys.path:
-            sys.path.insert(0, os.getcwd())
-        module = importlib.import_module(module_name)
-    model = getattr(module, attribute)(**kwargs)
+    model = load_callable(spec, "--model")(**kwargs)
     if not isinstance(model, nn.Module):
-        raise SystemExit(f"error: {spec} returned {type(model).__name__}, not an nn.Module")
+        raise ValueError(f"--model {spec} returned {type(model).__name__}, not an nn.Module")
     return model
 
 
@@ -128,10 +111,7 @@ def run_render(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    try:
-        cache = RenderCache(args.cache)
-    except FileNotFoundError as error:
-        raise SystemExit(f"error: {error}") from error
+    cache = RenderCache(args.cache)
     report = cache.summary()
     if args.input_root:
         missing = cache.missing(_items(args))
