@@ -28,6 +28,15 @@ def make_tiny_clip(seed: int = 0):
     return open_clip.CLIP(**TINY_CLIP_CFG).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one intra-op thread (two threads spin against each other and CI jobs)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip():
     return make_tiny_clip()
