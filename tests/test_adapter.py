@@ -130,14 +130,6 @@ def tiny_dinov2(depth: int = 2):
                              num_heads=2, img_size=56, dynamic_img_size=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is much faster than several on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def dinov2():

@@ -33,14 +33,6 @@ def layout_digest(state: dict[str, torch.Tensor]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()[:16]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions are dominated by OpenMP hand-offs; on a shared 2-core machine one thread is much faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny_models():

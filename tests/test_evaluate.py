@@ -21,14 +21,6 @@ REPO = Path(__file__).resolve().parent.parent
 SIZES = {"setA": [(21, 30), (40, 33)], "setB": [(24, 24), (17, 45), (32, 40)]}  # mostly off the 8-grid
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions are dominated by OpenMP hand-offs; on a shared 2-core machine one thread is much faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:

@@ -35,14 +35,6 @@ OMEGA = (1 / 12, 1 / 6, 1 / 3, 1.0)
 HYPOTHESIS = settings(max_examples=15, deadline=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to spin-waiting on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_vgg_stack(seed: int = 0) -> nn.Sequential:
     """VGG-16 layer layout (conv/ReLU/pool positions) with 3-6 channels."""

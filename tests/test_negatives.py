@@ -26,13 +26,6 @@ from perceive_components.ops.metrics import quantize_8bit
 QUANT = 0.5 / 255 + 1e-6  # 8-bit files: at most half a level of rounding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class Pointwise(nn.Module):
     """A per-pixel "restorer" (1×1 conv + sigmoid): commutes with crops, flips and tiling."""

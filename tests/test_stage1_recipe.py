@@ -20,14 +20,6 @@ from stage1_helpers import smooth_images
 SIZE = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are dominated by OpenMP hand-offs; on a shared 2-core machine one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _write_set(raw: Path, generator: torch.Generator, task: str | None,
                pairs: list[tuple[str, tuple[str, ...]]]) -> None:

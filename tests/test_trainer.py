@@ -28,15 +28,6 @@ CHILD = Path(__file__).with_name("train_child.py")
 
 
 # ------------------------------------------------------------------------------------------ helpers
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread, like the child processes: the tensors are tiny, and on a shared 2-core machine two
-    spinning OpenMP threads make them several times slower. The exact-resume comparison relies on it too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class RandomPairs(torch.utils.data.Dataset):
     """Items {'degraded', 'target'} (3×8×8) drawn from the generator the sampler gives (``sample``)."""
