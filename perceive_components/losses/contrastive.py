@@ -1,0 +1,168 @@
+"""Degradation contrastive loss L_cl on CFE embeddings (SPEC.md §2.3), InfoNCE with τ = 0.1.
+
+For anchor i (z_i = CFE(degraded crop), positive z⁺_i = CFE(another crop of the same degraded image)):
+
+    N(i)   = { j in the whole (all-rank) batch : task_j ≠ task_i }              negatives, detached
+    ℓ_i    = − log( exp(z_i·z⁺_i/τ) / ( exp(z_i·z⁺_i/τ) + Σ_{j∈N(i)} exp(z_i·z_j/τ) ) )
+    L_cl   = mean over valid anchors (|N(i)| ≥ 1) of ℓ_i ;   0 (still in the graph) if none is valid
+
+Under ``torch.distributed`` the anchors and labels of every rank are gathered (unequal per-rank batches
+are padded to the largest one and the padding is masked out), so each anchor sees every negative of
+the global batch. The returned value is the *global* mean, identical on every rank. Gradients reach
+only the local anchors and positives (the gathered copies are detached, as are the local negatives in
+one process), with ∂L/∂z_i equal to the single-process gradient on the concatenated batch; with
+``ddp_mean_gradients=True`` (default) that local gradient is multiplied by the world size, so that
+DDP's gradient *averaging* yields exactly the single-process parameter gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..ops.validation import check_values
+from .common import check_loss_weight, check_reduction
+
+TEMPERATURE = 0.1
+
+
+def _check_inputs(anchor: object, positive: object, labels: object) -> None:
+    for name, value in (("anchor", anchor), ("positive", positive), ("labels", labels)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not anchor.is_floating_point() or anchor.ndim != 2:
+        raise ValueError(f"anchor must be a floating (B, D) tensor of embeddings, "
+                         f"got {anchor.dtype} {tuple(anchor.shape)}")
+    if tuple(positive.shape) != tuple(anchor.shape) or not positive.is_floating_point():
+        raise ValueError(f"positive must be a floating tensor of the anchor's shape {tuple(anchor.shape)}, "
+                         f"got {positive.dtype} {tuple(positive.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of task ids, got dtype {labels.dtype}")
+    if tuple(labels.shape) != (anchor.shape[0],):
+        raise ValueError(f"labels must have shape (B,) = ({anchor.shape[0]},), got {tuple(labels.shape)}")
+    if anchor.numel():
+        check_values(anchor, "anchor", value_range=None)
+        check_values(positive, "positive", value_range=None)
+
+
+def _gather_bank(anchor: torch.Tensor, labels: torch.Tensor, group
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """All ranks' detached anchors ``(W·M, D)``, labels ``(W·M,)``, a padding mask ``(W·M,)`` (True = real)
+    and the world size; M = the largest per-rank batch."""
+    world = dist.get_world_size(group)
+    size = torch.tensor([anchor.shape[0]], device=anchor.device, dtype=torch.long)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    sizes_list = [int(s) for s in torch.cat(sizes).tolist()]
+    largest = max(sizes_list)
+    padded = anchor.new_zeros((largest, anchor.shape[1]))
+    padded[: anchor.shape[0]] = anchor.detach()
+    padded_labels = labels.new_zeros((largest,))
+    padded_labels[: labels.shape[0]] = labels
+    banks = [torch.empty_like(padded) for _ in range(world)]
+    label_banks = [torch.empty_like(padded_labels) for _ in range(world)]
+    dist.all_gather(banks, padded.contiguous(), group=group)
+    dist.all_gather(label_banks, padded_labels.contiguous(), group=group)
+    positions = torch.arange(largest, device=anchor.device).expand(world, largest)
+    real = positions < torch.tensor(sizes_list, device=anchor.device)[:, None]
+    return torch.cat(banks), torch.cat(label_banks), real.reshape(-1), world
+
+
+def info_nce_per_anchor(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    labels: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    bank_valid: torch.Tensor,
+    temperature: float = TEMPERATURE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ℓ_i against an explicit negative ``bank (M, D)`` with ``bank_labels (M,)`` and ``bank_valid (M,)``.
+
+    Entry j is a negative of anchor i when ``bank_valid[j]`` and ``bank_labels[j] != labels[i]``. Returns
+    the per-anchor losses ``(B,)`` (0 where an anchor has no negative) and that validity ``(B,)``. Computed
+    in at least float32, outside autocast. The bank is used as given: detach it to stop its gradient.
+    """
+    dtype = torch.promote_types(anchor.dtype, torch.float32)
+    with torch.autocast(anchor.device.type, enabled=False):
+        z, z_pos, bank = anchor.to(dtype), positive.to(dtype), bank.to(dtype)
+        positive_logit = (z * z_pos).sum(-1, keepdim=True) / temperature                     # (B, 1)
+        is_negative = (bank_labels[None, :] != labels[:, None]) & bank_valid[None, :]        # (B, M)
+        negative_logits = (z @ bank.t() / temperature).masked_fill(~is_negative, float("-inf"))
+        logits = torch.cat([positive_logit, negative_logits], dim=1)
+        per_anchor = logits.logsumexp(dim=1) - positive_logit[:, 0]
+        valid = is_negative.any(dim=1)
+        return torch.where(valid, per_anchor, per_anchor.new_zeros(())), valid
+
+
+def degradation_contrastive_loss(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = TEMPERATURE,
+    reduction: str = "mean",
+    process_group=None,
+    ddp_mean_gradients: bool = True,
+) -> torch.Tensor:
+    """L_cl for ``anchor, positive (B, D)`` (L2-normalised CFE embeddings) and task ``labels (B,)``.
+
+    ``reduction``: 'mean' (over valid anchors, all ranks), 'sum' (over valid anchors, all ranks) or 'none'
+    (the local ``(B,)`` per-anchor losses, 0 where an anchor has no negative). Distributed use needs an
+    initialised process group (default group unless ``process_group`` is given); every rank must call it.
+    """
+    check_reduction(reduction)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    _check_inputs(anchor, positive, labels)
+    labels = labels.to(anchor.device)
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        bank, bank_labels, real, world = _gather_bank(anchor, labels, process_group)
+    else:
+        bank, bank_labels, world = anchor.detach(), labels, 1
+        real = torch.ones_like(labels, dtype=torch.bool)
+
+    per_anchor, valid = info_nce_per_anchor(anchor, positive, labels, bank, bank_labels, real, temperature)
+    if reduction == "none":
+        return per_anchor
+
+    local_sum = per_anchor.sum()
+    if not distributed:
+        count = valid.sum()
+        return local_sum / count.clamp_min(1) if reduction == "mean" else local_sum
+    stats = torch.stack([local_sum.detach(), valid.sum().to(local_sum.dtype)])
+    dist.all_reduce(stats, group=process_group)
+    global_sum, global_count = stats[0], stats[1]
+    scale = float(world) if ddp_mean_gradients else 1.0
+    # value = the global sum; gradient = scale × ∂(local part)/∂(local anchors and positives)
+    total = global_sum + scale * (local_sum - local_sum.detach())
+    return total / global_count.clamp_min(1) if reduction == "mean" else total
+
+
+class DegradationContrastiveLoss(nn.Module):
+    """L_cl as a module: ``forward(anchor (B, D), positive (B, D), labels (B,)) -> loss``.
+
+    Holds no parameters. See ``degradation_contrastive_loss`` for the distributed semantics.
+    """
+
+    def __init__(self, temperature: float = TEMPERATURE, *, loss_weight: float = 1.0, reduction: str = "mean",
+                 process_group=None, ddp_mean_gradients: bool = True) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+        self.loss_weight = check_loss_weight(loss_weight)
+        self.reduction = check_reduction(reduction)
+        self.process_group = process_group
+        self.ddp_mean_gradients = bool(ddp_mean_gradients)
+
+    def forward(self, anchor: torch.Tensor, positive: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = degradation_contrastive_loss(
+            anchor, positive, labels, temperature=self.temperature, reduction=self.reduction,
+            process_group=self.process_group, ddp_mean_gradients=self.ddp_mean_gradients,
+        )
+        return self.loss_weight * loss
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, loss_weight={self.loss_weight}, reduction={self.reduction!r}"
