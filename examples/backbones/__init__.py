@@ -10,10 +10,11 @@ Registered names (``list_backbones()``):
 - ``restormer``: Restormer (CVPR 2022), upstream default config, 26,126,644 parameters
 - ``nafnet``: NAFNet (ECCV 2022), SIDD width-32 config, 29,159,715 parameters
 - ``promptir``: PromptIR (NeurIPS 2023), released all-in-one config, 35,592,263 parameters
-- ``<name>-tiny``: the same architecture at under 100,000 parameters, for tests and CPU demos
+- ``perceive-ir-net``: the Perceive-IR paper's own network (SPEC.md §3.4), 33,901,111 parameters, with its
+  CFE and a frozen DINOv2-B (SGM) inside
+- ``<name>-tiny``: the same architecture at test size (under 100,000 parameters; ``perceive-ir-net-tiny``:
+  0.5 M, 0.2 M of them the fixed-width CFE, with a random 2-block DINOv2), for tests and CPU demos
 
-The paper's own network (SPEC.md §3.4) will live in ``perceive_ir_net.py`` and register itself here with
-``register_backbone`` once the library's PGCA/ETB/PGM/CFE modules exist; it is not part of this package yet.
 Official checkpoints: see ``checkpoints.py``. Licences: docs/backbones.md.
 """
 from __future__ import annotations
@@ -25,13 +26,15 @@ from .base import RestorationBackbone
 from .checkpoints import CheckpointError, load_checkpoint, save_official_checkpoint
 from .nafnet import CONFIGS as NAFNET_CONFIGS
 from .nafnet import NAFNet
+from .perceive_ir_net import CONFIGS as PERCEIVE_IR_NET_CONFIGS
+from .perceive_ir_net import PerceiveIRNet
 from .promptir import CONFIGS as PROMPTIR_CONFIGS
 from .promptir import PromptIR
 from .restormer import CONFIGS as RESTORMER_CONFIGS
 from .restormer import Restormer
 
 __all__ = [
-    "BackboneEntry", "CheckpointError", "NAFNet", "PromptIR", "Restormer", "RestorationBackbone",
+    "BackboneEntry", "CheckpointError", "NAFNet", "PerceiveIRNet", "PromptIR", "Restormer", "RestorationBackbone",
     "create_backbone", "get_backbone_entry", "list_backbones", "load_checkpoint", "register_backbone",
     "save_official_checkpoint",
 ]
@@ -86,6 +89,8 @@ for _name, _cls, _configs, _what, _licence in (
     ("restormer", Restormer, RESTORMER_CONFIGS, "Restormer (CVPR 2022), upstream default config", _NON_COMMERCIAL),
     ("nafnet", NAFNet, NAFNET_CONFIGS, "NAFNet (ECCV 2022), SIDD width-32 config", "MIT"),
     ("promptir", PromptIR, PROMPTIR_CONFIGS, "PromptIR (NeurIPS 2023), released all-in-one config", _NON_COMMERCIAL),
+    ("perceive-ir-net", PerceiveIRNet, PERCEIVE_IR_NET_CONFIGS, "Perceive-IR (TIP 2025) network, authors' config",
+     "Apache-2.0 (the authors' repository; DINOv2 weights: Apache-2.0)"),
 ):
     register_backbone(BackboneEntry(_name, _cls, _configs["default"], _what, _licence))
     register_backbone(BackboneEntry(f"{_name}-tiny", _cls, _configs["tiny"], f"{_what} at test size", _licence))

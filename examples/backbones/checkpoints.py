@@ -6,6 +6,9 @@ Formats read by ``load_checkpoint`` (the layout is detected, or named with ``par
   (``'params'`` is taken unless ``param_key='params_ema'``).
 - PyTorch Lightning (PromptIR release): ``{'state_dict': {'net.' + key: tensor}, 'epoch': …, …}``; the
   ``net.`` prefix is removed and the other entries are ignored.
+- The Perceive-IR authors' release (the paper's network, ``perceive_ir_net.py``): ``{'model': state_dict,
+  'iteration': …, 'config': …}`` (training checkpoints add optimizer, scheduler and training state, which are
+  ignored). Their key names are mapped to ours by the model's ``upstream_key_map()``.
 - A plain state dict (``.pth``/``.pt`` or ``.safetensors``), e.g. the weights our training scripts write.
 
 A ``module.`` prefix (saved from a DDP-wrapped model) is removed, as BasicSR does. Files are opened with
@@ -29,6 +32,7 @@ from perceive_components.ops.checkpoint import atomic_write
 
 # (family, key prefixes that must all occur), checked in order; the first match names the checkpoint.
 FAMILY_SIGNATURES: list[tuple[str, tuple[str, ...]]] = [
+    ("Perceive-IR net", ("cfe.", "pgm.", "latent.blocks.")),
     ("PromptIR", ("prompt1.prompt_param", "noise_level3.")),
     ("NAFNet", ("intro.", "ending.", "middle_blks")),
     ("Restormer", ("patch_embed.proj.", "latent.", "reduce_chan_level3.")),
@@ -88,12 +92,15 @@ def extract_state_dict(checkpoint: Mapping[str, Any], param_key: str | None = No
         state = checkpoint.get("params", checkpoint.get("params_ema"))
     elif "state_dict" in checkpoint:
         state = _strip_prefix(checkpoint["state_dict"], "net.")
+    elif isinstance(checkpoint.get("model"), Mapping):  # Perceive-IR authors' release
+        state = checkpoint["model"]
     else:
         state = checkpoint
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
-            "no state dict found: expected {'params': …}, {'params_ema': …}, {'state_dict': {'net.…': …}} or a plain"
-            f" dict of tensors; top-level keys are {sorted(checkpoint)[:10]} (choose one with param_key)"
+            "no state dict found: expected {'params': …}, {'params_ema': …}, {'state_dict': {'net.…': …}},"
+            " {'model': …} or a plain dict of tensors;"
+            f" top-level keys are {sorted(checkpoint)[:10]} (choose one with param_key)"
         )
     return _strip_prefix(state, "module.")
 
@@ -142,6 +149,20 @@ def check_state_dict_fits(model: nn.Module, state: Mapping[str, torch.Tensor], s
     raise CheckpointError("\n".join(lines))
 
 
+def from_upstream_keys(model: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename upstream keys to ``model``'s own where the model names its blocks differently.
+
+    Models with an ``upstream_key_map()`` (``{own key: upstream key}``, e.g. the paper's network) get each
+    upstream key renamed; keys that are already the model's own stay, so both layouts load.
+    """
+    key_map = getattr(model, "upstream_key_map", None)
+    if key_map is None:
+        return dict(state)
+    own_by_upstream = {upstream: own for own, upstream in key_map().items()}
+    own = set(own_by_upstream.values())
+    return {key if key in own else own_by_upstream.get(key, key): value for key, value in state.items()}
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, param_key: str | None = None) -> nn.Module:
     """Load the checkpoint at ``path`` into ``model`` with ``strict=True`` and return the model.
 
@@ -149,7 +170,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, param_key: str
     Raises ``FileNotFoundError`` for a missing file and ``CheckpointError`` (a ``ValueError``) for an
     unreadable file or weights that do not fit.
     """
-    state = extract_state_dict(read_checkpoint_file(path), param_key)
+    state = from_upstream_keys(model, extract_state_dict(read_checkpoint_file(path), param_key))
     check_state_dict_fits(model, state, source=f"checkpoint {str(path)!r}")
     model.load_state_dict(state, strict=True)
     return model
@@ -158,8 +179,10 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, param_key: str
 def save_official_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write ``model``'s weights atomically in its upstream layout (``model.checkpoint_format``).
 
-    'basicsr' → ``{'params': state_dict}``; 'lightning' → ``{'state_dict': {'net.' + key: tensor}}``.
-    ``load_checkpoint`` and the upstream code read the result.
+    'basicsr' → ``{'params': state_dict}``; 'lightning' → ``{'state_dict': {'net.' + key: tensor}}``;
+    'perceive-ir' (the authors' release of the paper's network) → ``{'model': state_dict with the authors' key
+    names, 'iteration': 0, 'config': {'model': {dim, blocks, heads, refinement_blocks}}}``, the entries their
+    evaluation script reads. ``load_checkpoint`` and the upstream code read the result.
     """
     layout = getattr(model, "checkpoint_format", None)
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
@@ -167,8 +190,12 @@ def save_official_checkpoint(model: nn.Module, path: str | os.PathLike) -> Path:
         checkpoint: dict[str, Any] = {"params": state}
     elif layout == "lightning":
         checkpoint = {"state_dict": {f"net.{key}": value for key, value in state.items()}}
+    elif layout == "perceive-ir":
+        key_map = model.upstream_key_map()
+        checkpoint = {"model": {key_map[key]: value for key, value in state.items()}, "iteration": 0,
+                      "config": {"model": model.upstream_config()}}
     else:
-        raise ValueError(f"model must define checkpoint_format 'basicsr' or 'lightning', got {layout!r}")
+        raise ValueError(f"model must define checkpoint_format 'basicsr', 'lightning' or 'perceive-ir', got {layout!r}")
     path = Path(path)
     with atomic_write(path) as tmp:
         torch.save(checkpoint, tmp)
