@@ -10,7 +10,8 @@ A restoration backbone maps a degraded image ``(B, 3, H, W)`` to a restored one 
   channel count, so the number is unambiguous.
 - ``decoder_strides()``: ``{module name: downscale factor}`` of the same modules (1 = full resolution).
 - ``checkpoint_format``: the layout of the upstream release, ``'basicsr'`` (``{'params': state_dict}``) or
-  ``'lightning'`` (``{'state_dict': {'net.' + key: tensor}}``); see ``checkpoints.py``.
+  ``'lightning'`` (``{'state_dict': {'net.' + key: tensor}}``) or ``'perceive-ir'`` (the authors'
+  ``{'model': state_dict, 'iteration': …}``); see ``checkpoints.py``.
 - ``config``: the keyword arguments the model was built with (upstream argument names).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ class RestorationBackbone(nn.Module):
     """Base class of the example backbones (metadata only; subclasses define the network)."""
 
     family: ClassVar[str]  # human-readable name used in messages, e.g. "Restormer"
-    checkpoint_format: ClassVar[str]  # 'basicsr' or 'lightning'
+    checkpoint_format: ClassVar[str]  # 'basicsr', 'lightning' or 'perceive-ir'
 
     def __init__(self, config: dict[str, Any]) -> None:
         super().__init__()

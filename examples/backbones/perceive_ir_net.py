@@ -276,18 +276,22 @@ class PerceiveIRNet(RestorationBackbone):
         return restored
 
     def _check_inputs(self, degraded: torch.Tensor, positive: torch.Tensor | None) -> None:
-        for tensor, name in ((degraded, "degraded"), (positive, "positive")):
-            if name == "positive" and tensor is None:
-                continue
-            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-                got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                raise TypeError(f"{name} must be a floating-point tensor (B, 3, H, W) in [0, 1], got {got}")
-            if tensor.ndim != 4 or tensor.shape[1] != 3:
-                raise ValueError(f"{name} must have shape (B, 3, H, W), got {tuple(tensor.shape)}")
+        _check_image_batch(degraded, "degraded")
         self.check_input_size(degraded)
-        if positive is not None and positive.shape[0] != degraded.shape[0]:
-            raise ValueError(f"positive must have the batch size of degraded ({degraded.shape[0]}), "
-                             f"got {tuple(positive.shape)}")
+        if positive is not None:
+            _check_image_batch(positive, "positive")
+            if positive.shape[0] != degraded.shape[0]:
+                raise ValueError(f"positive must have the batch size of degraded ({degraded.shape[0]}), "
+                                 f"got {tuple(positive.shape)}")
+
+
+def _check_image_batch(tensor: object, name: str) -> None:
+    """Rank, channels and dtype only (no host sync); values are the caller's business."""
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise TypeError(f"{name} must be a floating-point tensor (B, 3, H, W) in [0, 1], got {got}")
+    if tensor.ndim != 4 or tensor.shape[1] != 3:
+        raise ValueError(f"{name} must have shape (B, 3, H, W), got {tuple(tensor.shape)}")
 
 
 def _check_vector(tensor: object, name: str, shape: tuple[int, int]) -> None:

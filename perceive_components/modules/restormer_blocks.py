@@ -37,13 +37,13 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in ≥ float32 (float64 stays)
         variance, mean = torch.var_mean(x32, dim=1, keepdim=True, correction=0)
-        scale = self.weight.float().view(1, -1, 1, 1)
+        scale = self.weight.to(x32.dtype).view(1, -1, 1, 1)
         if self.bias is None:
             y = x32 * torch.rsqrt(variance + self.eps) * scale
         else:
-            y = (x32 - mean) * torch.rsqrt(variance + self.eps) * scale + self.bias.float().view(1, -1, 1, 1)
+            y = (x32 - mean) * torch.rsqrt(variance + self.eps) * scale + self.bias.to(x32.dtype).view(1, -1, 1, 1)
         return y.to(x.dtype)
 
 
