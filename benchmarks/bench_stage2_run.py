@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import platform
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -101,6 +102,8 @@ def main() -> None:
               "--no-plots", "--no-tensorboard", "--resume", "never", "--bf16" if args.bf16 else "--no-bf16"]
     backbone = "restormer-tiny" if args.tiny else "restormer"
     plain_dir, perceive_dir = work / "run-plain", work / "run-perceive"
+    for run_dir in (plain_dir, perceive_dir):  # fresh runs (data and cache are reused)
+        shutil.rmtree(run_dir, ignore_errors=True)
     plain = timed_run(train_plain.main, [*common, "--backbone", backbone, "--out-dir", str(plain_dir)],
                       plain_dir, args.device, args.warmup)
     perceive = timed_run(train_restormer_perceive.main,
