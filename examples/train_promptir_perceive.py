@@ -7,9 +7,9 @@ with L1 + 0.1·L_cl + 0.05·L_clip + 0.1·L_dpl and proxy negatives from a rende
     torchrun --standalone --nproc_per_node 4 examples/train_promptir_perceive.py (same flags)
 
 PromptIR builds six 1x1 convolutions its forward never calls (``chnl_reduce1-3``,
-``reduce_noise_channel_1-3``, as upstream; they are in its checkpoints). They are frozen here
-(``requires_grad=False``: no gradient, no optimiser state, still saved), so DDP runs without
-``find_unused_parameters``. Start from the released weights with ``--init-backbone model.ckpt``.
+``reduce_noise_channel_1-3``, as upstream; they are in its checkpoints). The recipe freezes them
+(``requires_grad=False``: no gradient, no optimiser state, still saved; ``UNUSED_PARAMETERS``), so DDP runs
+without ``find_unused_parameters``. Start from the released weights with ``--init-backbone model.ckpt``.
 Everything else: docs/training.md, "Stage 2: the Perceive-IR recipe".
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from examples.common.perceive_recipe import Recipe, command_line, run  # noqa: E402
 
-RECIPE = Recipe(backbone="promptir", description=__doc__, unused_parameters=("chnl_reduce", "reduce_noise_channel_"))
+RECIPE = Recipe(backbone="promptir", description=__doc__)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:

@@ -170,11 +170,11 @@ def test_each_script_trains_every_trainable_part_on_cpu(name, data, cache, tmp_p
                     "pgca": False, "frozen": "tiny"}
     # every trainable parameter moved (it got a gradient: DDP needs no find_unused_parameters); the PromptIR
     # convolutions its forward never calls were frozen and did not
-    torch.manual_seed(0)
-    initial = recipe.build_net(spec).state_dict()
-    trained = load_file(str(out / "model.safetensors"))
+    torch.manual_seed(0)  # the run's seed: the same initial weights
+    net = recipe.build_net(spec)
+    initial, trained = net.state_dict(), load_file(str(out / "model.safetensors"))
     assert trained.keys() == initial.keys()
-    unused = SCRIPTS[name].RECIPE.unused_parameters
+    unused = recipe.UNUSED_PARAMETERS.get(type(recipe.backbone_of(net)), ())
     for key, value in trained.items():
         prefix = "backbone." if spec["adapter"] else ""
         if unused and key.removeprefix(prefix).startswith(unused):

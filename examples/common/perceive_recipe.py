@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from examples.backbones import PerceiveIRNet, create_backbone, get_backbone_entry, load_checkpoint
+from examples.backbones import PerceiveIRNet, PromptIR, create_backbone, get_backbone_entry, load_checkpoint
 from examples.backbones.checkpoints import check_state_dict_fits
 from perceive_components import PerceiveAdapter, QualityAwareLoss, QualityPerceiver
 from perceive_components.data.layouts import LAYOUTS, AllInOneTrainSet, standard_test_sets
@@ -54,14 +54,17 @@ TINY_DINOV2 = ("vit_small_patch14_dinov2.lvd142m", 56, {"depth": 2, "embed_dim":
 TERMS = ("l1", "contrastive", "clip", "perceptual")  # logged in this order (fixed CSV columns)
 
 
+# Backbone parameters that the backbone's own forward never uses (upstream quirks), by name prefix. They are
+# frozen (no gradient, no optimiser state, still saved), so DDP needs no ``find_unused_parameters``.
+UNUSED_PARAMETERS: dict[type, tuple[str, ...]] = {PromptIR: ("chnl_reduce", "reduce_noise_channel_")}
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """What a script fixes: its default backbone, and backbone parameters to freeze (name prefixes) because
-    the backbone's own forward never uses them (DDP then needs no ``find_unused_parameters``)."""
+    """What a script fixes: its default backbone and its ``--help`` text."""
 
     backbone: str
     description: str
-    unused_parameters: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------------- networks
@@ -95,13 +98,15 @@ def backbone_of(net: nn.Module) -> nn.Module:
     return net.backbone if isinstance(net, PerceiveAdapter) else net
 
 
-def freeze_unused(net: nn.Module, prefixes: Sequence[str]) -> list[str]:
-    """``requires_grad=False`` on backbone parameters whose names start with ``prefixes``; returns the names."""
-    named = dict(backbone_of(net).named_parameters())
-    frozen = [name for name in named if name.startswith(tuple(prefixes))]
+def freeze_unused(net: nn.Module) -> list[str]:
+    """``requires_grad=False`` on the backbone's ``UNUSED_PARAMETERS``; returns their names."""
+    backbone = backbone_of(net)
+    prefixes = UNUSED_PARAMETERS.get(type(backbone), ())
+    named = dict(backbone.named_parameters())
+    frozen = [name for name in named if name.startswith(prefixes)]
     unmatched = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name in frozen)]
     if unmatched:
-        raise ValueError(f"no backbone parameter starts with {unmatched}; the recipe's unused_parameters are stale")
+        raise ValueError(f"no {type(backbone).__name__} parameter starts with {unmatched}: UNUSED_PARAMETERS is stale")
     for name in frozen:
         named[name].requires_grad_(False)
     return frozen
@@ -397,7 +402,7 @@ def run(recipe: Recipe, argv: Sequence[str] | None = None) -> dict[str, float]:
         if args.init_backbone:
             load_checkpoint(backbone_of(net), args.init_backbone)
             logger.info("backbone weights from %s", args.init_backbone)
-        unused = freeze_unused(net, recipe.unused_parameters)
+        unused = freeze_unused(net)
         if unused and main_process:
             logger.info("frozen (never used by the backbone's forward): %s", ", ".join(unused))
         dataset, train_set = train_data(args)
