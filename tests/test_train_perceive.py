@@ -294,6 +294,18 @@ def test_a_bad_data_layout_lists_what_is_missing(data, tmp_path):
                                        "--out-dir", str(tmp_path / "run")])
 
 
+def test_init_backbone_loads_official_weights_under_the_adapter(data, cache, tmp_path):
+    torch.manual_seed(123)
+    official = create_backbone("promptir-tiny")
+    path = save_official_checkpoint(official, tmp_path / "promptir.ckpt")  # Lightning layout, 'net.' prefix
+    out = tmp_path / "run"  # one step at a negligible learning rate: the backbone keeps the official weights
+    train_promptir_perceive.main(args_for(data, cache, out, "--init-backbone", str(path), "--lr", "1e-12",
+                                          "--min-lr", "0", "--weight-decay", "0", steps=1))
+    trained = load_file(str(out / "model.safetensors"))
+    for key, value in official.state_dict().items():
+        assert torch.allclose(trained[f"backbone.{key}"], value, atol=1e-9), key
+
+
 def test_checkpoints_of_another_backbone_are_refused(data, cache, tmp_path):
     torch.manual_seed(0)
     nafnet = save_official_checkpoint(create_backbone("nafnet-tiny"), tmp_path / "nafnet.pth")
