@@ -19,6 +19,13 @@ Examples::
         --protocol 3task --out results/promptir
     python examples/evaluate.py --backbone nafnet --checkpoint NAFNet-SIDD-width32.pth --data-root data/test \\
         --sets SIDD=SIDD --tile 512 --overlap 32 --device cuda
+    python examples/evaluate.py --run runs/restormer-3task --data-root data/test --protocol 3task
+
+``--run`` evaluates a network trained by a stage-2 script (``examples/train_*perceive*.py``): the backbone
+wrapped in ``PerceiveAdapter`` or the paper's network, rebuilt from the run's ``net.json`` with its frozen
+DINOv2, and loaded with the run's final weights (``--weights``: EMA when the run kept one) or a training
+checkpoint (``--checkpoint <run>/checkpoints/latest``). Tiled, such a network gets its guidance (DINOv2
+priors, CFE embedding) from the whole image once, shared by every tile.
 
 The table is printed and written to ``<out>/table.md``, with ``summary.csv`` (per set) and
 ``per_image.csv``. See docs/evaluation.md.
@@ -32,8 +39,9 @@ import logging
 import math
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -127,21 +135,36 @@ def discover_sets(root: str | Path, specs: Sequence[tuple[str, str]] | None = No
     return sets
 
 
-def restore_image(model: Callable[[torch.Tensor], torch.Tensor], degraded: torch.Tensor, *, multiple: int = 8,
+def _repeat_batch(value: Any, count: int) -> Any:
+    """A batch-1 tensor (or a list of them) expanded to ``count`` rows."""
+    if isinstance(value, torch.Tensor):
+        return value.expand(count, *value.shape[1:])
+    return [_repeat_batch(item, count) for item in value]
+
+
+def restore_image(model: Callable[..., torch.Tensor], degraded: torch.Tensor, *, multiple: int = 8,
                   device: torch.device | str = "cpu", tile: int | None = None, overlap: int = 32,
-                  tile_batch: int = 1, pad_mode: str = "replicate") -> torch.Tensor:
-    """Restore ``degraded (B, 3, H, W)`` (on the CPU) and return the result on the CPU, clamped to [0, 1].
+                  tile_batch: int = 1, pad_mode: str = "replicate",
+                  guidance: Callable[[torch.Tensor], dict[str, Any]] | None = None) -> torch.Tensor:
+    """Restore ``degraded (1, 3, H, W)`` (on the CPU) and return the result on the CPU, clamped to [0, 1].
 
     Whole image (``tile=None``): the padded image goes to ``device`` at once. Tiled: the image stays on
-    the CPU and ``tile_batch`` crops of ``tile × tile`` at a time travel to ``device``.
+    the CPU and ``tile_batch`` crops of ``tile × tile`` at a time travel to ``device``; with ``guidance``
+    (whole image → keyword arguments of ``model``, e.g. priors and embedding) each tile gets the whole
+    image's guidance.
     """
     device = torch.device(device)
     with torch.inference_mode():
         if tile is None:
             restored = tiled_apply(model, degraded.to(device), tile=None, multiple=multiple, pad_mode=pad_mode)
         else:
-            restored = tiled_apply(lambda crops: model(crops.to(device)), degraded, tile=tile, overlap=overlap,
-                                   multiple=multiple, pad_mode=pad_mode, tile_batch=tile_batch, out_device="cpu")
+            extra = guidance(degraded.to(device)) if guidance is not None else {}
+
+            def run_tiles(crops: torch.Tensor) -> torch.Tensor:
+                return model(crops.to(device), **{k: _repeat_batch(v, crops.shape[0]) for k, v in extra.items()})
+
+            restored = tiled_apply(run_tiles, degraded, tile=tile, overlap=overlap, multiple=multiple,
+                                   pad_mode=pad_mode, tile_batch=tile_batch, out_device="cpu")
     return restored.float().cpu().clamp(0, 1)
 
 
@@ -168,8 +191,11 @@ def score_pair(restored: torch.Tensor, target: torch.Tensor, ssim_window: str = 
 def evaluate(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], sets: Sequence[EvalSet], *,
              device: torch.device | str = "cpu", multiple: int = 8, tile: int | None = None, overlap: int = 32,
              tile_batch: int = 1, pad_mode: str = "replicate", ssim_window: str = "gaussian",
-             save_dir: Path | None = None) -> list[ImageScore]:
-    """Score every pair of ``sets``; optionally write the restored images to ``save_dir/<set>/``."""
+             save_dir: Path | None = None, guidance: Callable[[torch.Tensor], dict[str, Any]] | None = None,
+             ) -> list[ImageScore]:
+    """Score every pair of ``sets``; optionally write the restored images to ``save_dir/<set>/``.
+
+    ``guidance``: for tiled runs of a guided network (see ``restore_image``)."""
     if ssim_window not in SSIM_WINDOWS:
         raise ValueError(f"ssim_window must be one of {SSIM_WINDOWS}, got {ssim_window!r}")
     scores = []
@@ -180,7 +206,7 @@ def evaluate(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], sets: Se
                 raise ValueError(f"{degraded_path} is {tuple(degraded.shape[-2:])} but its target {target_path} is"
                                  f" {tuple(target.shape[-2:])}; pairs must have the same size")
             restored = restore_image(model, degraded, multiple=multiple, device=device, tile=tile, overlap=overlap,
-                                     tile_batch=tile_batch, pad_mode=pad_mode)
+                                     tile_batch=tile_batch, pad_mode=pad_mode, guidance=guidance)
             scores.append(ImageScore(eval_set.label, stem, *score_pair(restored, target, ssim_window)))
             if save_dir is not None:
                 write_image(Path(save_dir) / eval_set.name / f"{stem}.png", restored[0])
@@ -242,8 +268,14 @@ def _parse_override(text: str) -> tuple[str, object]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", required=True, help="registry name, e.g. restormer, nafnet, promptir")
-    parser.add_argument("--checkpoint", help="official (BasicSR / Lightning) or our weights; omit for random weights")
+    network = parser.add_mutually_exclusive_group(required=True)
+    network.add_argument("--backbone", help="registry name, e.g. restormer, nafnet, promptir")
+    network.add_argument("--run", help="a stage-2 run folder (net.json, model.safetensors) of train_*perceive*.py")
+    parser.add_argument("--checkpoint", help="--backbone: official (BasicSR / Lightning / authors') or our weights; "
+                        "omit for random weights. --run: a training checkpoint (step_*.pt or checkpoints/latest) "
+                        "instead of the run's final weights")
+    parser.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
+                        help="--run: the EMA weights if the run kept them (auto), or the plain/EMA ones")
     parser.add_argument("--param-key", help="entry holding the weights, e.g. params_ema (default: detected)")
     parser.add_argument("--override", action="append", type=_parse_override, default=[], metavar="KEY=VALUE",
                         help="change one config entry of the backbone, e.g. width=64 (repeatable)")
@@ -273,19 +305,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, tuple[float, float, int
         raise SystemExit("--save-images needs --out")
     specs = PROTOCOLS[args.protocol] if args.protocol else parse_set_specs(args.sets) if args.sets else None
     sets = discover_sets(args.data_root, specs)
-    model = create_backbone(args.backbone, **dict(args.override))
-    if args.checkpoint:
-        load_checkpoint(model, args.checkpoint, param_key=args.param_key)
+    guidance = None
+    if args.run:
+        from examples.common.perceive_recipe import backbone_of, build_run_net, whole_image_guidance
+
+        if args.override or args.param_key:
+            raise ValueError("--override and --param-key apply to --backbone; a --run is rebuilt from its net.json")
+        model = build_run_net(args.run, args.weights, args.checkpoint)
+        size_factor = backbone_of(model).size_factor
+        guidance = partial(whole_image_guidance, model)
     else:
-        log.warning("no --checkpoint: evaluating %s with random weights", args.backbone)
+        model = create_backbone(args.backbone, **dict(args.override))
+        if args.checkpoint:
+            load_checkpoint(model, args.checkpoint, param_key=args.param_key)
+        else:
+            log.warning("no --checkpoint: evaluating %s with random weights", args.backbone)
+        size_factor = model.size_factor
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (SPEC.md §4)
     torch.backends.cudnn.allow_tf32 = False
     model = model.to(args.device).float().eval()
     out_dir = Path(args.out) if args.out else None
-    scores = evaluate(model, sets, device=args.device, multiple=math.lcm(8, model.size_factor), tile=args.tile,
+    scores = evaluate(model, sets, device=args.device, multiple=math.lcm(8, size_factor), tile=args.tile,
                       overlap=args.overlap, tile_batch=args.tile_batch, pad_mode=args.pad_mode,
-                      ssim_window=args.ssim_window, save_dir=out_dir / "images" if args.save_images else None)
-    row_label = args.label or args.backbone
+                      ssim_window=args.ssim_window, save_dir=out_dir / "images" if args.save_images else None,
+                      guidance=guidance)
+    row_label = args.label or args.backbone or Path(args.run).name
     summary = summarise(scores, [eval_set.label for eval_set in sets])
     print(format_table(summary, row_label))
     if out_dir is not None:

@@ -1,0 +1,339 @@
+"""Stage-2 recipe (examples/common/perceive_recipe.py, the four train_*perceive*.py scripts, prepare_proxy_inputs.py,
+evaluate.py --run): tiny CPU runs of every script, a 2-process gloo run, resume, proxy negatives from a render
+cache rendered with the documented CLI, and the errors for bad caches, layouts and checkpoints."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from data_factory import make_layout
+from examples import evaluate as ev
+from examples import prepare_proxy_inputs
+from examples import train_nafnet_perceive, train_perceive_ir_net, train_promptir_perceive, train_restormer_perceive
+from examples.backbones import CheckpointError, create_backbone, save_official_checkpoint
+from examples.common import perceive_recipe as recipe
+from examples.common.stage2_data import CachedNegatives, open_proxy_cache
+from perceive_components.data.layouts import AllInOneTrainSet
+from perceive_components.negatives.cli import register as register_cache_cli
+from perceive_components.ops.io import read_image, write_image
+from perceive_components.ops.tiling import tiled_apply
+from perceive_components.stage1 import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = {"restormer": train_restormer_perceive, "nafnet": train_nafnet_perceive,
+           "promptir": train_promptir_perceive, "perceive-ir-net": train_perceive_ir_net}
+NOISE_SEED = 5
+REPEATS = ["--repeat", "noise=1", "haze=2", "rain=2"]  # 4 + 4 + 4 items: 3 steps per epoch at batch 4
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def render(*args: str) -> None:
+    """``perceive-ir cache render …`` through the subcommand's own parser (the CLI registers the same one)."""
+    parser = argparse.ArgumentParser()
+    register_cache_cli(parser.add_subparsers())
+    parsed = parser.parse_args(["cache", "render", *args, "--device", "cpu", "--tile", "0"])
+    parsed.func(parsed)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """3-task layout of 40×36 images, plus a 24×28 noise image (smaller than the 32² crop: padded)."""
+    root = make_layout(tmp_path_factory.mktemp("aio"), size=(40, 36))
+    write_image(root / "train" / "noise" / "clean" / "small.png", torch.rand(3, 24, 28))
+    return root
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory, data) -> dict:
+    """A stage-1 output as stage1_recipe.py leaves it: its own data layout (other file names, same bytes) with
+    pairs.jsonl folds, and two fold models. img0 is not in it (stage 1 never saw it)."""
+    root = tmp_path_factory.mktemp("stage1")
+    sources = ["noise/clean/img1.png", "noise/clean/img2.png", "noise/clean/small.png", "haze/clean/0001.png",
+               "haze/clean/0002.png", "rain/clean/norain-1.png", "rain/clean/norain-2.png"]
+    rows, fold_of_source = [], {}
+    for index, source in enumerate(sources):
+        task = source.partition("/")[0]
+        name = f"{task}/clean/s1-{index}.png"
+        (root / "data" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(data / "train" / source, root / "data" / name)
+        rows.append({"degraded": f"{task}/degraded/s1-{index}.png", "clean": name, "task": task, "fold": index % 2})
+        fold_of_source[source] = index % 2
+    write_jsonl(root / "out" / "pairs.jsonl", rows)
+    (root / "out" / "folds").mkdir()
+    for fold in (0, 1):
+        torch.manual_seed(10 + fold)
+        weights = root / "out" / "folds" / f"fold{fold}.safetensors"
+        save_file(create_backbone("restormer-tiny").state_dict(), str(weights))
+    return {"dir": root / "out", "data": root / "data", "fold_of_source": fold_of_source}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, data, stage1) -> Path:
+    """The documented route: prepare_proxy_inputs.py, then one `cache render` per fold model into slot
+    'stage1', a haze-only user restorer in slot 'extra', and an identity 'proxy' (checks the alignment)."""
+    root = tmp_path_factory.mktemp("cache")
+    prepare_proxy_inputs.main(["--data", str(data), "--cache", str(root), "--noise-seed", str(NOISE_SEED),
+                               "--stage1-dir", str(stage1["dir"]), "--stage1-data", str(stage1["data"])])
+    inputs = ["--input-root", str(root / "inputs"), "--manifest", str(root / "inputs" / "manifest.jsonl")]
+    for fold in (0, 1):
+        render("--cache", str(root), "--slot", "stage1", "--model", "examples.backbones:create_backbone",
+               "--model-kwargs", '{"name": "restormer-tiny"}',
+               "--checkpoint", str(stage1["dir"] / "folds" / f"fold{fold}.safetensors"), "--fold", str(fold), *inputs)
+    render("--cache", str(root), "--slot", "extra", "--model", "examples.backbones:create_backbone",
+           "--model-kwargs", '{"name": "nafnet-tiny"}', "--tasks", "haze", *inputs)
+    render("--cache", str(root), "--slot", "identity", "--model", "torch.nn:Identity", *inputs)
+    return root
+
+
+def args_for(data: Path, cache: Path, out: Path, *extra: str, steps: int = 2) -> list[str]:
+    return ["--data", str(data), "--tiny", "--proxy-cache", str(cache), "--steps", str(steps), "--batch-size", "4",
+            "--crop-size", "32", "--workers", "0", "--device", "cpu", "--no-bf16", "--out-dir", str(out),
+            "--log-every", "1", "--no-tensorboard", "--no-plots", "--no-val", *REPEATS, *extra]
+
+
+def read_log(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ---------------------------------------------------------------------------------------------- data
+def test_proxy_inputs_take_the_stage1_fold_of_the_same_image(data, stage1, cache):
+    manifest = [json.loads(line) for line in (cache / "inputs" / "manifest.jsonl").read_text().splitlines()]
+    train_set = AllInOneTrainSet(data, noise_seed=NOISE_SEED)
+    for task in train_set.tasks:
+        for pair in train_set.pairs[task]:
+            stem = pair.key.removeprefix("noise/clean/")
+            rows = [r for r in manifest if r["input"] == pair.key or r["input"].endswith("/" + stem)]
+            assert len(rows) == (3 if task == "noise" else 1)  # noise: one input per σ
+            source = pair.clean.relative_to(data / "train").as_posix()
+            if source != "noise/clean/img0.png":  # img0 has no stage-1 twin: it gets the hash fold
+                assert {r["fold"] for r in rows} == {stage1["fold_of_source"][source]}, source
+    settings = json.loads((cache / "inputs" / "settings.json").read_text())
+    assert settings["noise_seed"] == NOISE_SEED and settings["matched_stage1"] == 7 and settings["hash_fold"] == 1
+    for fold in (0, 1):  # each input of fold k was rendered by fold model k (the one that never trained on it)
+        row = next(r for r in manifest if r["fold"] == fold and r["task"] != "noise")
+        torch.manual_seed(10 + fold)
+        model = create_backbone("restormer-tiny").eval()
+        with torch.no_grad():  # as the cache renders: whole image, reflect-padded to a multiple of 8
+            expected = tiled_apply(model, read_image(cache / "inputs" / row["input"])[None], tile=None, multiple=8)
+        rendered = read_image(cache / "stage1" / f"{row['input']}.png")
+        assert (rendered - expected[0].clamp(0, 1)).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def test_cached_negatives_are_aligned_with_every_crop_and_padded_like_it(data, cache):
+    train_set = AllInOneTrainSet(data, crop_size=32, noise_seed=NOISE_SEED, repeats={"noise": 1, "haze": 2, "rain": 2})
+    dataset = CachedNegatives(train_set, *open_proxy_cache(cache, train_set))
+    slots = dataset.slots
+    assert slots == ["extra", "identity", "stage1"]
+    small = [i for i in range(len(train_set)) if train_set.locate(i).clean.name == "small.png"]
+    for index in [*range(len(train_set)), *small]:
+        item = dataset.sample(index, torch.Generator().manual_seed(index))
+        identity = item["negatives"][1]
+        # PNG inputs come back exactly; fixed-seed noise was stored in 8 bits: half a grey level at most
+        assert (identity - item["degraded"]).abs().max() <= 0.5 / 255 + 1e-6
+        haze = item["task"] == 1  # the 'extra' slot covers haze only: elsewhere zeros and False
+        assert item["negatives"].shape == (3, 3, 32, 32)
+        assert item["negative_mask"].tolist() == [haze, True, True]
+        assert haze or not item["negatives"][0].any()
+
+
+# ---------------------------------------------------------------------------------------------- the scripts
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_each_script_trains_every_trainable_part_on_cpu(name, data, cache, tmp_path):
+    out = tmp_path / "run"
+    SCRIPTS[name].main(args_for(data, cache, out))
+    rows = read_log(out / "train_log.csv")
+    assert [r["step"] for r in rows] == ["1", "2"] and all(r["skipped"] == "0" for r in rows)
+    for column in ("loss", "l1", "contrastive", "clip", "perceptual", "grad_norm"):
+        assert all(math.isfinite(float(r[column])) for r in rows), column
+    assert all(float(r["perceptual"]) > 0 and float(r["clip"]) > 0 for r in rows)
+    spec = json.loads((out / "net.json").read_text())
+    assert spec == {"format": recipe.NET_FORMAT, "backbone": f"{name}-tiny", "adapter": name != "perceive-ir-net",
+                    "pgca": False, "frozen": "tiny"}
+    # every trainable parameter moved (it got a gradient: DDP needs no find_unused_parameters); the PromptIR
+    # convolutions its forward never calls were frozen and did not
+    torch.manual_seed(0)  # the run's seed: the same initial weights
+    net = recipe.build_net(spec)
+    initial, trained = net.state_dict(), load_file(str(out / "model.safetensors"))
+    assert trained.keys() == initial.keys()
+    unused = recipe.UNUSED_PARAMETERS.get(type(recipe.backbone_of(net)), ())
+    for key, value in trained.items():
+        prefix = "backbone." if spec["adapter"] else ""
+        if unused and key.removeprefix(prefix).startswith(unused):
+            assert torch.equal(value, initial[key]), key
+        elif value.is_floating_point():
+            assert not torch.equal(value, initial[key]), f"{key} was not trained"
+    assert (name == "promptir") == bool(unused)
+
+
+def test_pgca_bf16_and_probe_difficulty_run(data, cache, tmp_path):
+    out = tmp_path / "run"
+    train_restormer_perceive.main(args_for(data, cache, out, "--pgca", "--bf16", "--difficulty", "probe",
+                                           "--probe-crops", "2", steps=1))
+    row = read_log(out / "train_log.csv")[0]
+    assert math.isfinite(float(row["loss"])) and 0 < float(row["probe_psnr"]) < 100
+    assert json.loads((out / "probe_psnr.json").read_text()) == {"0": pytest.approx(float(row["probe_psnr"]))}
+    assert any(key.startswith("perceive.pgca.") for key in load_file(str(out / "model.safetensors")))
+
+
+def test_resume_after_a_stop_repeats_the_uninterrupted_losses(data, cache, tmp_path, monkeypatch):
+    """Stop after step 5 (checkpoint at 4, mid-epoch 1), run the same command again: every logged value equals
+    the uninterrupted run's, with EMA and the probe difficulty (its epoch-1 value comes back from the record)."""
+    extra = ("--ckpt-every", "2", "--ema-decay", "0.9", "--difficulty", "probe", "--probe-crops", "2", "--val")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train_restormer_perceive.main(args_for(data, cache, full, *extra, steps=6))
+
+    real_call = recipe.PerceiveStep.__call__
+
+    def stop_at_step_5(self, net, batch):
+        if self.trainer.step == 5:
+            raise KeyboardInterrupt("stopped by the test")
+        return real_call(self, net, batch)
+
+    monkeypatch.setattr(recipe.PerceiveStep, "__call__", stop_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_restormer_perceive.main(args_for(data, cache, resumed, *extra, steps=6))
+    monkeypatch.setattr(recipe.PerceiveStep, "__call__", real_call)
+    assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000004.pt"
+    train_restormer_perceive.main(args_for(data, cache, resumed, *extra, steps=6))
+    full_rows, resumed_rows = read_log(full / "train_log.csv"), read_log(resumed / "train_log.csv")
+    for row in full_rows + resumed_rows:
+        del row["sec_per_step"]  # wall time
+    assert [r["step"] for r in resumed_rows] == ["1", "2", "3", "4", "5", "6"]
+    assert resumed_rows == full_rows  # same digits for loss, every term, grad norm, lr
+    assert read_log(resumed / "val_log.csv") == read_log(full / "val_log.csv")
+    assert len({r["probe_psnr"] for r in full_rows}) == 2  # epochs 0 and 1 measured separately
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        a, b = load_file(str(full / name)), load_file(str(resumed / name))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.distributed
+def test_two_gloo_processes_match_one_process(data, cache, tmp_path):
+    """torchrun with 2 CPU processes (global batch 4 = 2 + 2) logs the losses of the 1-process run: DDP over the
+    adapter-wrapped PromptIR (unused convolutions frozen, no find_unused_parameters), all-rank L_cl negatives."""
+    single, double = tmp_path / "one", tmp_path / "two"
+    train_promptir_perceive.main(args_for(data, cache, single, steps=3))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "examples" / "train_promptir_perceive.py"), *args_for(data, cache, double, steps=3)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = read_log(single / "train_log.csv"), read_log(double / "train_log.csv")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for column in ("loss", "l1", "contrastive", "clip", "perceptual", "grad_norm"):
+            assert float(b[column]) == pytest.approx(float(a[column]), rel=2e-4, abs=1e-6), column
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def test_evaluate_run_gives_the_validation_numbers_whole_and_tiled(data, cache, tmp_path):
+    out = tmp_path / "run"
+    train_nafnet_perceive.main(args_for(data, cache, out, "--val", "--ema-decay", "0.5"))
+    eval_root = tmp_path / "eval"  # the validation's haze pairs in evaluate.py's layout (same file names)
+    (eval_root / "SOTS" / "degraded").mkdir(parents=True)
+    (eval_root / "SOTS" / "target").mkdir()
+    for name in ("0001", "0002"):
+        shutil.copy(next((data / "test" / "haze" / "hazy").rglob(f"{name}_*.png")),
+                    eval_root / "SOTS" / "degraded" / f"{name}.png")
+        shutil.copy(data / "test" / "haze" / "clean" / f"{name}.png", eval_root / "SOTS" / "target" / f"{name}.png")
+    validation = read_log(out / "val_log.csv")[-1]
+    whole = ev.main(["--run", str(out), "--data-root", str(eval_root), "--device", "cpu"])
+    assert whole["SOTS"][0] == pytest.approx(float(validation["SOTS/psnr"]), abs=1e-4)  # EMA weights, like validation
+    assert whole["SOTS"][1] == pytest.approx(float(validation["SOTS/ssim"]), abs=1e-5)
+    tiled = ev.main(["--run", str(out), "--data-root", str(eval_root), "--device", "cpu", "--tile", "16",
+                     "--overlap", "8", "--checkpoint", str(out / "checkpoints" / "latest"), "--weights", "model"])
+    assert math.isfinite(tiled["SOTS"][0])
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_missing_or_incomplete_proxy_caches_are_clear_errors(data, cache, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no render cache at .*perceive-ir cache render"):
+        train_restormer_perceive.main(args_for(data, tmp_path / "nowhere", tmp_path / "a"))
+    with pytest.raises(ValueError, match="--proxy-cache DIR .* or --no-proxies"):
+        train_restormer_perceive.main([a for a in args_for(data, cache, tmp_path / "b") if a != str(cache)
+                                       and a != "--proxy-cache"])
+    broken = tmp_path / "broken"
+    shutil.copytree(cache, broken, symlinks=True)
+    (broken / "stage1" / "rain" / "rainy" / "rain-2.png.png").unlink()
+    missing = r"incomplete .*\n  - slot 'stage1': 1 of the training inputs .*rain/rainy/rain-2.png"
+    with pytest.raises(ValueError, match=missing):
+        train_restormer_perceive.main(args_for(data, broken, tmp_path / "c"))
+    (broken / "inputs" / "settings.json").unlink()  # no recorded seed, no --noise-seed: noise is fresh every draw
+    with pytest.raises(ValueError, match="cover noise, but noise is synthesised afresh .* --noise-seed"):
+        train_restormer_perceive.main(args_for(data, broken, tmp_path / "d"))
+    with pytest.raises(ValueError, match="--noise-seed 6 differs .* \\(5,"):
+        train_restormer_perceive.main(args_for(data, cache, tmp_path / "e", "--noise-seed", "6"))
+
+
+def test_a_bad_data_layout_lists_what_is_missing(data, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    shutil.rmtree(bad / "train" / "rain" / "rainy")
+    with pytest.raises(ValueError, match=r"(?s)train data .* is incomplete.*rain: missing folder rain/rainy/"):
+        train_restormer_perceive.main(["--data", str(bad), "--tiny", "--no-proxies", "--device", "cpu",
+                                       "--out-dir", str(tmp_path / "run")])
+
+
+def test_init_backbone_loads_official_weights_under_the_adapter(data, cache, tmp_path):
+    torch.manual_seed(123)
+    official = create_backbone("promptir-tiny")
+    path = save_official_checkpoint(official, tmp_path / "promptir.ckpt")  # Lightning layout, 'net.' prefix
+    out = tmp_path / "run"  # one step at a negligible learning rate: the backbone keeps the official weights
+    train_promptir_perceive.main(args_for(data, cache, out, "--init-backbone", str(path), "--lr", "1e-12",
+                                          "--min-lr", "0", "--weight-decay", "0", steps=1))
+    trained = load_file(str(out / "model.safetensors"))
+    for key, value in official.state_dict().items():
+        assert torch.allclose(trained[f"backbone.{key}"], value, atol=1e-9), key
+
+
+def test_checkpoints_of_another_backbone_are_refused(data, cache, tmp_path):
+    torch.manual_seed(0)
+    nafnet = save_official_checkpoint(create_backbone("nafnet-tiny"), tmp_path / "nafnet.pth")
+    with pytest.raises(CheckpointError, match="looks like a NAFNet checkpoint, not a Restormer one"):
+        train_restormer_perceive.main(args_for(data, cache, tmp_path / "a", "--init-backbone", str(nafnet)))
+    restormer_run = tmp_path / "restormer"
+    train_restormer_perceive.main(args_for(data, cache, restormer_run, steps=1))
+    with pytest.raises(ValueError, match="holds checkpoints of another network .*nafnet-tiny"):
+        train_nafnet_perceive.main(args_for(data, cache, restormer_run, steps=2))
+    nafnet_run = tmp_path / "nafnet"
+    train_nafnet_perceive.main(args_for(data, cache, nafnet_run, steps=1))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        recipe.build_run_net(restormer_run, checkpoint=nafnet_run / "checkpoints" / "latest")
+
+
+def test_a_non_finite_output_becomes_a_skipped_step_not_a_crash():
+    class NaNNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+            self.last_embedding = self.last_positive_embedding = None
+
+        def forward(self, images, positive=None):
+            return images * self.scale * float("nan")
+
+    step = recipe.PerceiveStep(recipe.QualityAwareLoss(None, recipe.tiny_vgg16_layout(), vgg_pretrained=False,
+                                                       clip_weight=0.0))
+    batch = {"degraded": torch.rand(2, 3, 16, 16), "positive": torch.rand(2, 3, 16, 16)}
+    loss, terms = step(NaNNet(), batch)
+    assert math.isnan(loss.item()) and list(terms) == ["l1", "contrastive", "perceptual"]
+    loss.backward()
