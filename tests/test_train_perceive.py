@@ -37,14 +37,6 @@ NOISE_SEED = 5
 REPEATS = ["--repeat", "noise=1", "haze=2", "rain=2"]  # 4 + 4 + 4 items: 3 steps per epoch at batch 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def render(*args: str) -> None:
     """``perceive-ir cache render …`` through the subcommand's own parser (the CLI registers the same one)."""
     parser = argparse.ArgumentParser()
