@@ -89,6 +89,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=None,
                         help="folder for the data, cache and run (kept; default: a temporary folder, removed)")
     parser.add_argument("--seed", type=int, default=0, help="order of the cases in each round")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="count the FLOPs of every case once and stop (no timing): the exact ratios at any size")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     return parser.parse_args()
 
@@ -313,6 +315,8 @@ def run_cases(args: argparse.Namespace, perceive: Trainer, plain: Trainer, proxi
     next_batch()
     valid_negatives = int(current["batch"]["negative_mask"].sum())
     gflop = {name: count_gflop(fn) for name, fn in cases.items()}  # also the first warm-up round
+    if args.flops_only:
+        return {"samples": {}, "gflop": gflop, "memory": {}, "valid_negatives": valid_negatives}
     for _ in range(warmup):
         next_batch()
         for fn in cases.values():
@@ -339,6 +343,8 @@ def run_cases(args: argparse.Namespace, perceive: Trainer, plain: Trainer, proxi
 
 
 def per_round(samples: dict[str, list[float]], numerator: list[str], denominator: list[str]) -> tuple[float, ...]:
+    if not samples:  # --flops-only
+        return (math.nan, math.nan, math.nan)
     ratios = [sum(samples[c][r] for c in numerator) / sum(samples[c][r] for c in denominator)
               for r in range(len(samples[numerator[0]]))]
     return statistics.median(ratios), min(ratios), max(ratios)
@@ -351,16 +357,20 @@ def report(args: argparse.Namespace, results: dict[str, Any], device: torch.devi
     on_gpu = device.type == "cuda"
     card = torch.cuda.get_device_name(device) if on_gpu else (platform.processor() or platform.machine() or "CPU")
     a, c, e = "recipe_step_cached", "bare_restormer_l1_step", "recipe_step_online_proxies"
+    timing = "FLOP count only" if args.flops_only else \
+        f"{repeats} rounds (+ 1 FLOP-counting + {warmup} warm-up), {args.clock} clock, medians"
     print(f"\n{card}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{'bf16 autocast' if args.bf16 else 'fp32'}, {args.size}² crops, batch {args.batch}, K = {args.proxies} "
           f"cached negatives ({results['valid_negatives']} valid in the batch), {online} online proxies; "
-          f"{repeats} rounds (+ 1 FLOP-counting + {warmup} warm-up), {args.clock} clock, medians; set-up "
+          f"{timing}; set-up "
           f"{setup_s:.0f} s. Random weights for every network (DINOv2-B, CLIP ViT-B/32, VGG-16, Restormer, proxies).")
+    def cell(values: dict[str, float], name: str, scale: float) -> str:
+        return f"{scale * values[name]:.1f}" if name in values else "–"
+
     print("\n| case | median ms | GFLOP |\n|---|---|---|")
-    for name, value in median.items():
-        flops = f"{gflop[name]:.1f}" if name in gflop else "–"
-        print(f"| {name} | {1000 * value:.1f} | {flops} |")
-    bare_sum = sum(median[name] for name in BARE_PASSES)
+    for name in dict.fromkeys([*median, *gflop]):
+        print(f"| {name} | {cell(median, name, 1000)} | {cell(gflop, name, 1)} |")
+    bare_sum = sum(median[name] for name in BARE_PASSES) if median else math.nan
     bare_gflop = sum(gflop[name] for name in BARE_PASSES)
     print(f"| (b) sum of the bare passes | {1000 * bare_sum:.1f} | {bare_gflop:.1f} |")
     ratios = {
