@@ -6,6 +6,7 @@ one host sync per call.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -20,11 +21,14 @@ def check_images(
     channels: int | None = 3,
     value_range: tuple[float, float] | None = (0.0, 1.0),
     allow_empty: bool = False,
+    values: bool = True,
 ) -> torch.Tensor:
     """Validate a batch ``(B, C, H, W)`` of floating-point images and return it unchanged.
 
     Raises ``TypeError`` for a non-tensor or a non-floating dtype and ``ValueError`` for a wrong rank,
     channel count, empty batch, non-finite values or values outside ``value_range`` (± RANGE_TOLERANCE).
+    ``values=False`` checks only type and shape; pair it with :func:`value_stats` / :func:`raise_for_stats`
+    to check the values *after* the real work is queued on the device (no pipeline stall).
     """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}")
@@ -41,21 +45,24 @@ def check_images(
         raise ValueError(f"{name} is an empty batch (shape {tuple(images.shape)})")
     if images.shape[2] == 0 or images.shape[3] == 0:
         raise ValueError(f"{name} has an empty spatial size (shape {tuple(images.shape)})")
-    if images.numel():
+    if values and images.numel():
         check_values(images, name, value_range=value_range)
     return images
 
 
-def check_values(
-    tensor: torch.Tensor, name: str, *, value_range: tuple[float, float] | None = (0.0, 1.0)
-) -> None:
-    """Raise ``ValueError`` if ``tensor`` holds NaN/Inf or leaves ``value_range`` by more than the tolerance."""
+def value_stats(tensor: torch.Tensor) -> torch.Tensor:
+    """``[min, max]`` of a tensor as a float32 tensor on its device; queued, no host sync (NaN propagates)."""
     with torch.no_grad():
-        flat = tensor.detach().reshape(-1)
-        low, high = torch.aminmax(flat)
-        stats = torch.stack([low.float(), high.float()]).tolist()  # one host sync
-    low_v, high_v = stats
-    if not (torch.isfinite(torch.tensor(stats)).all()):
+        low, high = torch.aminmax(tensor.detach().reshape(-1))
+        return torch.stack([low.float(), high.float()])
+
+
+def raise_for_stats(
+    stats: torch.Tensor, name: str, *, value_range: tuple[float, float] | None = (0.0, 1.0)
+) -> None:
+    """Raise ``ValueError`` if ``value_stats`` saw NaN/Inf or values outside ``value_range`` (one host sync)."""
+    low_v, high_v = stats.tolist()
+    if not (math.isfinite(low_v) and math.isfinite(high_v)):
         raise ValueError(f"{name} contains NaN or Inf values")
     if value_range is not None:
         lo, hi = value_range
@@ -64,6 +71,13 @@ def check_values(
                 f"{name} must hold values in [{lo:g}, {hi:g}], got min {low_v:.4g} and max {high_v:.4g}"
                 " (scale 8-bit images by 1/255; clamp model outputs)"
             )
+
+
+def check_values(
+    tensor: torch.Tensor, name: str, *, value_range: tuple[float, float] | None = (0.0, 1.0)
+) -> None:
+    """Raise ``ValueError`` if ``tensor`` holds NaN/Inf or leaves ``value_range`` by more than the tolerance."""
+    raise_for_stats(value_stats(tensor), name, value_range=value_range)
 
 
 def check_same_shape(reference: torch.Tensor, ref_name: str, other: torch.Tensor, other_name: str) -> None:
