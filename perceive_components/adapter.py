@@ -229,13 +229,10 @@ class PerceiveAdapter(nn.Module):
         may be precomputed, e.g. once on a whole image before tiled inference; they skip DINOv2 / CFE.
         Extra ``args``/``kwargs`` go to the backbone.
         """
-        pending = []  # value checks run after the work is queued: no GPU pipeline stall
-        if self.validate_inputs:
+        if self.validate_inputs:  # shapes now; values once the work is queued (no GPU pipeline stall)
             check_images(images, "images", values=False)
-            pending.append(("images", value_stats(images)))
             if positive is not None:
                 check_images(positive, "positive", values=False)
-                pending.append(("positive", value_stats(positive)))
         elif not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape (B, 3, H, W), got {getattr(images, 'shape', type(images))}")
         height, width = images.shape[-2:]
@@ -262,8 +259,10 @@ class PerceiveAdapter(nn.Module):
         missed = [level.name for level, visits in zip(self.levels, guidance["visits"]) if not visits]
         if missed and self._handles:
             raise RuntimeError(f"levels {missed} did not run in this forward: their PGM would get no gradient")
-        for name, stats in pending:
-            raise_for_stats(stats, name)
+        if self.validate_inputs:
+            checks = [("images", value_stats(images))] + ([("positive", value_stats(positive))] if positive is not None else [])
+            for name, stats in checks:
+                raise_for_stats(stats, name)
         self.last_embedding, self.last_positive_embedding = z, z_positive
         if inputs is not images and isinstance(output, torch.Tensor) and output.shape[-2:] == inputs.shape[-2:]:
             output = output[..., :height, :width]

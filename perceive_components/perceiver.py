@@ -120,8 +120,11 @@ class QualityPerceiver(
             logit_scale = float(raw.detach().exp()) if raw is not None else 100.0
         self.logit_scale = float(logit_scale)
         self.image_size, mean, std = _preprocess_constants(clip)
-        self.register_buffer("mean", torch.tensor(mean, device=device).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, device=device).view(1, 3, 1, 1), persistent=False)
+        mean_t, std_t = torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.register_buffer("mean", mean_t, persistent=False)
+        self.register_buffer("std", std_t, persistent=False)
+        self.register_buffer("inv_std", 1.0 / std_t, persistent=False)
+        self.register_buffer("shift", -mean_t / std_t, persistent=False)
         self.register_buffer("tier_values", torch.arange(len(tier_words), dtype=torch.float32, device=device),
                              persistent=False)
 
@@ -210,7 +213,7 @@ class QualityPerceiver(
         x = images.float()
         clamped = x.clamp(0.0, 1.0)
         x = x + (clamped - x).detach() if straight_through else clamped
-        x = (self.resize(x) - self.mean) / self.std
+        x = torch.addcmul(self.shift, self.resize(x), self.inv_std)  # (x − mean) / std in one kernel
         features = self.image_encoder(x)
         return F.normalize(features.float(), dim=-1)
 
@@ -230,8 +233,9 @@ class QualityPerceiver(
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Tier logits ``(B, n_tiers)`` (logit scale applied) for images ``(B, 3, H, W)`` in [0, 1]."""
         check_images(images, "images", values=False)
-        pending = value_stats(images)  # checked after the encoder is queued: no GPU pipeline stall
-        logits = self.logits_from_features(self.encode_images(images))
+        features = self.encode_images(images)
+        pending = value_stats(images)  # queued behind the encoder, checked last: the GPU never waits on it
+        logits = self.logits_from_features(features)
         raise_for_stats(pending, "images")
         return logits
 
