@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from examples.common.config import parse_repeats  # noqa: E402
 from perceive_components import QualityPerceiver  # noqa: E402
 from perceive_components.ops.checkpoint import atomic_write  # noqa: E402
 from perceive_components.stage1 import (  # noqa: E402
@@ -94,21 +95,11 @@ def backbone_factory(name: str) -> Callable[[], nn.Module]:
     return lambda: create_backbone(name)
 
 
-def parse_repeats(items: Sequence[str]) -> dict[str, int]:
-    repeats = {}
-    for item in items:
-        task, sep, factor = item.partition("=")
-        if not sep or not factor.isdigit() or int(factor) < 1:
-            raise ValueError(f"--restorer-repeat takes TASK=N with N >= 1 (e.g. rain=120), got {item!r}")
-        repeats[task] = int(factor)
-    return repeats
-
-
 def fold_repeats(args: argparse.Namespace, pairs: list[dict]) -> dict[str, int]:
     """Task repeat factors for the fold models: ``DEFAULT_REPEATS`` and ``--restorer-repeat``, for the tasks
     in the data. A task whose images all hash to one fold is never seen by that fold's model; it is named in
     a warning (``build_triplets`` gives each fold model the factors of the tasks it trains on)."""
-    given = parse_repeats(args.restorer_repeat)
+    given = parse_repeats(args.restorer_repeat, "--restorer-repeat", "rain=120")
     folds: dict[str, set[int]] = {}
     for pair in pairs:
         folds.setdefault(pair["task"], set()).add(fold_of(pair["clean"], args.folds))

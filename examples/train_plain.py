@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import Trainer, add_train_args, config_from_args
+from common import Trainer, add_train_args, config_from_args, parse_repeats
 from perceive_components.data.layouts import LAYOUTS, AllInOneTrainSet, standard_test_sets
 
 
@@ -46,16 +46,6 @@ def build_backbone(name: str) -> nn.Module:
 def l1_step(model: nn.Module, batch: dict) -> torch.Tensor:
     """L1(R, G) on one batch: the bare-backbone objective."""
     return F.l1_loss(model(batch["degraded"]).float(), batch["target"])
-
-
-def parse_repeats(pairs: list[str]) -> dict[str, int]:
-    repeats = {}
-    for pair in pairs:
-        task, sep, factor = pair.partition("=")
-        if not sep or not factor.isdigit():
-            raise ValueError(f"--repeat takes TASK=N (e.g. rain=360), got {pair!r}")
-        repeats[task] = int(factor)
-    return repeats
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .level_discovery import (
-    Level, coarsest_scale, default_example, discover_levels, format_candidates, resolve_levels, trace_calls,
+    coarsest_scale, default_example, discover_levels, format_candidates, resolve_levels, trace_calls,
 )
 from .modules.cfe import CFE
 from .modules.pgca import PGCABlock

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -82,3 +82,14 @@ def add_train_args(parser: argparse.ArgumentParser, **defaults: Any) -> argparse
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(TrainConfig)})
+
+
+def parse_repeats(items: Sequence[str], flag: str = "--repeat", example: str = "rain=360") -> dict[str, int]:
+    """``["rain=360", "noise=12"]`` → ``{"rain": 360, "noise": 12}``; ``ValueError`` naming ``flag`` otherwise."""
+    repeats = {}
+    for item in items:
+        task, sep, factor = item.partition("=")
+        if not task or not sep or not factor.isdigit() or int(factor) < 1:
+            raise ValueError(f"{flag} takes TASK=N with N >= 1 (e.g. {example}), got {item!r}")
+        repeats[task] = int(factor)
+    return repeats

@@ -38,7 +38,7 @@ from perceive_components.modules.sgm import DEFAULT_DINOV2, SGM, create_dinov2, 
 from perceive_components.ops.checkpoint import atomic_write
 
 from .checkpoints import CheckpointManager
-from .config import add_train_args, config_from_args
+from .config import add_train_args, config_from_args, parse_repeats
 from .distributed import close_distributed, init_distributed
 from .sampling import seeded_global_rng
 from .stage2_data import CachedNegatives, cache_noise_seed, open_proxy_cache, probe_crops
@@ -281,16 +281,6 @@ class PerceiveStep:
 
 
 # ------------------------------------------------------------------------------------- command line
-def parse_repeats(pairs: Sequence[str]) -> dict[str, int]:
-    repeats = {}
-    for pair in pairs:
-        task, sep, factor = pair.partition("=")
-        if not sep or not factor.isdigit():
-            raise ValueError(f"--repeat takes TASK=N (e.g. rain=360), got {pair!r}")
-        repeats[task] = int(factor)
-    return repeats
-
-
 def build_parser(recipe: Recipe) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=recipe.description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
