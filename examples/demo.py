@@ -55,6 +55,7 @@ from perceive_components.stage1 import (  # noqa: E402
 )
 
 from demo_report import write_report  # noqa: E402
+from examples.common.perceive_recipe import is_self_guided  # noqa: E402
 from demo_stage2 import Stage2Settings, run_stage2  # noqa: E402
 
 IMAGES = HERE / "data" / "demo_images"
@@ -255,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (the demo's models are small: 1 is fastest on a busy machine)")
     args = parser.parse_args(argv)
+    try:
+        if is_self_guided(args.backbone):
+            parser.error(f"--backbone {args.backbone}: the paper's network has no bare version to compare with; "
+                         "choose a backbone that PerceiveAdapter wraps (restormer, nafnet, promptir, or their -tiny)")
+    except ValueError as error:  # unknown name: say so now, not after stage 1
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()

@@ -21,14 +21,13 @@ Everything runs through the example scripts' own functions, in this process:
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import train_plain  # examples/train_plain.py (examples/ is on sys.path: this module is imported from there)
@@ -43,8 +42,6 @@ from perceive_components.negatives import RenderCache, items_from_manifest
 from perceive_components.ops.io import list_images, write_image
 from perceive_components.stage1 import read_jsonl, write_jsonl
 
-log = logging.getLogger("demo_stage2")
-
 HELD_OUT = ("retina_0.png", "rocket_0.png", "rocket_1.png")
 TASKS = LAYOUTS["3task"]
 SLOT = "stage1"
@@ -54,6 +51,8 @@ RUNS = {"bare": "bare (L1)", "perceive-ir": "Perceive-IR"}  # run folder → row
 
 @dataclass(frozen=True)
 class Stage2Settings:
+    """What both stage-2 runs share (defaults: about a minute each on one CPU thread)."""
+
     backbone: str = "restormer-tiny"
     steps: int = 150
     batch_size: int = 8
@@ -90,8 +89,6 @@ def make_layout(stage1_data: Path, root: Path, eval_root: Path) -> list[tuple[st
 def make_proxy_cache(root: Path, cache_dir: Path, stage1_dir: Path, stage1_data: Path,
                      restorer: Callable[[], nn.Module], device: str) -> dict[str, int]:
     """Inputs + manifest by ``prepare_proxy_inputs.prepare``, then the stage-1 fold models render their folds."""
-    from safetensors.torch import load_file
-
     inputs = cache_dir / INPUTS_FOLDER
     counts = prepare(root, inputs, layout="3task", noise_seed=NOISE_SEED, stage1_dir=str(stage1_dir),
                      stage1_data=str(stage1_data))
@@ -118,8 +115,8 @@ def train(settings: Stage2Settings, root: Path, cache_dir: Path, runs: Path, per
     shared = ["--data", str(root), "--layout", "3task", "--repeat", "noise=1", "haze=1", "rain=1", "--no-val",
               "--backbone", settings.backbone, "--steps", str(settings.steps), "--batch-size", str(settings.batch_size),
               "--crop-size", str(settings.crop_size), "--lr", str(settings.lr), "--min-lr", str(settings.lr / 100),
-              "--seed", "0", "--workers", "0", "--device", settings.device, "--log-every", str(max(1, settings.steps // 30)),
-              "--ckpt-every", str(settings.steps), "--resume", "never", "--no-tensorboard"]
+              "--seed", "0", "--workers", "0", "--device", settings.device, "--resume", "never", "--no-tensorboard",
+              "--log-every", str(max(1, settings.steps // 30)), "--ckpt-every", str(settings.steps)]
     seconds = {}
     started = time.perf_counter()
     run(Recipe(settings.backbone, "demo"), shared + ["--frozen", settings.frozen, "--proxy-cache", str(cache_dir),
@@ -166,13 +163,9 @@ def run_stage2(out: Path, stage1_data: Path, stage1_dir: Path, restorer: Callabl
     print(f"   Perceive-IR {seconds['perceive-ir']:.0f} s, bare {seconds['bare']:.0f} s")
     print("11) evaluation on the held-out images (whole images, fp32, 8-bit PSNR/SSIM):")
     summaries = evaluate_runs(settings, eval_root, specs, runs)
-    trainable = {}
-    for name in RUNS:
-        from safetensors.torch import load_file
-
-        trainable[name] = sum(t.numel() for t in load_file(str(runs / name / "model.safetensors")).values())
+    saved = {name: sum(t.numel() for t in load_file(str(runs / name / "model.safetensors")).values()) for name in RUNS}
     result = {"settings": asdict(settings), "held_out": list(HELD_OUT), "sets": specs, "cache": cache_counts,
-              "train_seconds": seconds, "parameters": trainable, "summaries": summaries,
+              "train_seconds": seconds, "parameters": saved, "summaries": summaries,
               "runs": {name: str(runs / name) for name in RUNS}, "eval_root": str(eval_root)}
     (folder / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     return result

@@ -156,3 +156,12 @@ def test_the_recipe_takes_a_built_perceiver_in_process(tiny_perceiver):
         build_criterion(argparse.Namespace(**{**vars(args), "perceiver": "some/folder"}), tiny_perceiver)
     with pytest.raises(TypeError, match="perceiver must be a QualityPerceiver, got Linear"):
         build_criterion(args, torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("backbone, message", [("nope", "unknown backbone 'nope'"),
+                                               ("perceive-ir-net-tiny", "no bare version to compare with")])
+def test_a_backbone_the_demo_cannot_compare_is_refused_before_stage1(demo_module, tmp_path, capsys, backbone, message):
+    with pytest.raises(SystemExit) as stopped:
+        demo_module.main(["--out", str(tmp_path / "never"), "--backbone", backbone])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
