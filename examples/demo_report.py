@@ -150,6 +150,23 @@ def metrics_table(summaries: Mapping[str, Mapping[str, Sequence[float]]]) -> str
 
 
 # -------------------------------------------------------------------------------------------- report
+def reading_note(real_clip: bool, settings: Mapping[str, Any]) -> str:
+    """The report's opening caveat: which frozen networks ran, and what the numbers can and cannot show."""
+    clip = "OpenAI CLIP ViT-B/32" if real_clip else "a tiny **random** CLIP (offline fallback)"
+    frozen = ("pretrained DINOv2-B and VGG-16" if settings["frozen"] == "pretrained"
+              else "tiny **random** DINOv2 and VGG (`--frozen tiny`)")
+    random_nets = not real_clip or settings["frozen"] != "pretrained"
+    note = (f"> **What these numbers mean.** This run used {clip} for the quality perceiver and {frozen} in the "
+            f"stage-2 losses and guidance, a {settings['backbone']} backbone and {settings['steps']} training steps "
+            f"on 9 small images. At this scale{', and with random frozen networks,' if random_nets else ''} the "
+            "numbers show that the pipeline works end to end; they do **not** show what the method achieves "
+            "(SPEC.md §5 has the paper's numbers; docs/reproduce.md how to get them).")
+    if random_nets:
+        note += (" With random frozen networks the CLIP-aware and perceptual terms are not meaningful objectives, "
+                 "so Perceive-IR may well score below the bare backbone here.")
+    return note
+
+
 def write_report(out: Path, *, real_clip: bool, gates: Mapping[str, Any], audit: Mapping[str, Any],
                  train_audit: Mapping[str, Any], stage2: Mapping[str, Any], seconds: Mapping[str, float],
                  command: str) -> Path:
@@ -157,21 +174,13 @@ def write_report(out: Path, *, real_clip: bool, gates: Mapping[str, Any], audit:
     settings = stage2["settings"]
     grids = sample_grids(Path(stage2["eval_root"]), stage2["sets"], stage2["runs"], out)
     curves = loss_curves(stage2["runs"], out / "stage2_curves.png")
-    clip = "OpenAI CLIP ViT-B/32" if real_clip else "a tiny **random** CLIP (offline fallback)"
-    frozen = ("pretrained DINOv2-B and VGG-16" if settings["frozen"] == "pretrained"
-              else "tiny **random** DINOv2 and VGG (`--frozen tiny`)")
     held_out = ", ".join(name.removesuffix(".png") for name in stage2["held_out"])
     total = sum(seconds.values())
     timing = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
     lines = [
         "# Perceive-IR demo: both stages at tiny scale",
         "",
-        f"> **What these numbers mean.** This run used {clip} for the quality perceiver and {frozen} in the "
-        f"stage-2 losses and guidance, a {settings['backbone']} backbone and {settings['steps']} training steps "
-        "on 9 small images. At this scale, and with random frozen networks, the numbers show that the "
-        "pipeline works end to end; they do **not** show what the method achieves (SPEC.md §5 has the paper's "
-        "numbers; docs/reproduce.md how to get them). With random frozen nets the CLIP-aware and perceptual "
-        "terms are not meaningful objectives, so Perceive-IR may well score below the bare backbone here.",
+        reading_note(real_clip, settings),
         "",
         f"Command: `{command}` — device `{settings['device']}`; wall time {total:.0f} s ({timing}).",
         "",
@@ -247,4 +256,5 @@ def write_report(out: Path, *, real_clip: bool, gates: Mapping[str, Any], audit:
     return path
 
 
-__all__ = ["audit_table", "gates_table", "loss_curves", "metrics_table", "sample_grids", "write_report"]
+__all__ = ["audit_table", "gates_table", "loss_curves", "metrics_table", "reading_note", "sample_grids",
+           "write_report"]

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import json
 import math
 import re
@@ -31,9 +33,6 @@ def demo_module():
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, demo_module):
     """One whole demo run with a few steps per stage: (output folder, printed text, report.json)."""
-    import contextlib
-    import io
-
     out = tmp_path_factory.mktemp("demo") / "demo"
     printed = io.StringIO()
     with pytest.warns(UserWarning, match="--tiny-clip was given: this demo uses a tiny RANDOM CLIP"), \
@@ -165,3 +164,16 @@ def test_a_backbone_the_demo_cannot_compare_is_refused_before_stage1(demo_module
         demo_module.main(["--out", str(tmp_path / "never"), "--backbone", backbone])
     assert stopped.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+def test_the_reading_note_names_random_nets_unless_every_frozen_net_is_pretrained(demo_module):
+    from demo_report import reading_note
+
+    tiny = {"frozen": "tiny", "backbone": "restormer-tiny", "steps": 150}
+    for real_clip, settings in ((False, tiny), (True, tiny), (False, {**tiny, "frozen": "pretrained"})):
+        note = reading_note(real_clip, settings)
+        assert "with random frozen networks" in note and "may well score below the bare backbone" in note
+        assert "do **not** show what the method achieves" in note
+    note = reading_note(True, {**tiny, "frozen": "pretrained"})
+    assert "OpenAI CLIP ViT-B/32" in note and "pretrained DINOv2-B and VGG-16" in note and "150 training steps" in note
+    assert "random" not in note and "do **not** show what the method achieves" in note
