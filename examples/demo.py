@@ -1,6 +1,8 @@
-"""The main demo: all of stage 1 end to end, at small scale, on bundled public-domain images.
+"""The main demo: the whole two-stage Perceive-IR pipeline, at tiny scale, on bundled public-domain images.
 
     python examples/demo.py --out outputs/demo          (`make demo` sets up and runs this)
+
+Stage 1 (this file):
 
 1. synthesise degraded versions (noise σ 25, haze, rain) of the bundled images → data/<task>/{degraded,clean}
 2. split into 2 folds by the hash of the clean image's relative path
@@ -10,9 +12,20 @@
 6. audit the perceiver on the held-out fold-1 triplets (and on the training fold)
 7. save the perceiver (prompts + config + model card) and a figure: q per tier, probabilities per triplet
 
+Stage 2 (``demo_stage2.py``), on 9 of the images, 3 held out:
+
+8. the stage-2 data layout and the held-out test sets
+9. proxy negatives: the stage-1 fold models render the training inputs into a render cache
+10. a small backbone (``restormer-tiny``) trained with the Perceive-IR recipe (adapter + QualityAwareLoss with
+    the saved perceiver), and the same backbone bare with L1 for the same steps
+11. both evaluated on the held-out images (PSNR/SSIM per set and average)
+
+Then ``report.md`` (``demo_report.py``): the tables of both stages, sample grids and loss curves as PNG.
+
 Real CLIP weights (OpenAI ViT-B/32) are used when they can be downloaded; otherwise (offline, as on the
-development machines) a tiny *random* CLIP stands in, with a plain warning. With a random CLIP the
-numbers only show that the pipeline works, not what the method achieves.
+development machines) a tiny *random* CLIP stands in, with a plain warning. DINOv2 and VGG are tiny random
+networks unless ``--frozen-nets pretrained``. With random frozen networks and a few hundred steps the numbers
+only show that the pipeline works, not what the method achieves.
 """
 from __future__ import annotations
 
@@ -31,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
+sys.path[:0] = [str(HERE.parent)] + ([str(HERE)] if str(HERE) not in sys.path else [])  # checkout, no install
 
 from perceive_components import QualityPerceiver  # noqa: E402
 from perceive_components.cli import format_audit  # noqa: E402
@@ -40,6 +53,10 @@ from perceive_components.ops.io import list_images, read_image, write_image  # n
 from perceive_components.stage1 import (  # noqa: E402
     TripletImages, audit_perceiver, build_triplets, medium_gates, scan_pairs, train_prompts,
 )
+
+from demo_report import write_report  # noqa: E402
+from examples.common.perceive_recipe import is_self_guided  # noqa: E402
+from demo_stage2 import Stage2Settings, run_stage2  # noqa: E402
 
 IMAGES = HERE / "data" / "demo_images"
 TASKS = {
@@ -182,22 +199,8 @@ def save_figure(perceiver: QualityPerceiver, triplets: TripletImages, path: Path
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="outputs/demo", help="output folder")
-    parser.add_argument("--restorer-steps", type=int, default=500)
-    parser.add_argument("--prompt-steps", type=int, default=200)
-    parser.add_argument("--tiny-clip", action="store_true", help="never try to download CLIP weights")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (the demo's models are small: 1 is fastest on a busy machine)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING)
-    started = time.perf_counter()
-    out = Path(args.out)
-    device = torch.device(args.device)
-
+def stage1(args: argparse.Namespace, out: Path, device: torch.device) -> dict:
+    """Steps 1-7 (module docstring); returns the gates, audits and whether the CLIP was the real one."""
     print("1) synthesising degraded images (noise σ25, haze, rain) ...")
     data = synthesise(out)
     pairs = scan_pairs(data)
@@ -231,8 +234,51 @@ def main(argv: list[str] | None = None) -> int:
     perceiver.save_pretrained(out / "perceiver")
     figure = out / "perceiver_demo.png"
     save_figure(perceiver, held_out, figure, f"Held-out triplets — {'OpenAI ViT-B/32' if real else 'tiny random CLIP'}")
-    (out / "report.json").write_text(json.dumps({"gates": gates, "audit": report, "real_clip": real}, indent=2))
-    print(f"7) saved {out / 'perceiver'} (prompts, config, model card), {figure}, {out / 'report.json'}")
+    print(f"7) saved {out / 'perceiver'} (prompts, config, model card) and {figure}")
+    return {"gates": gates, "audit": report, "train_audit": train_report, "real_clip": real}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="outputs/demo", help="output folder")
+    parser.add_argument("--restorer-steps", type=int, default=500, help="stage 1: steps of each fold restorer")
+    parser.add_argument("--prompt-steps", type=int, default=200, help="stage 1: prompt-learning steps")
+    parser.add_argument("--tiny-clip", action="store_true", help="never try to download CLIP weights")
+    defaults = Stage2Settings()
+    parser.add_argument("--backbone", default=defaults.backbone, help="stage 2: an examples/backbones registry name")
+    parser.add_argument("--stage2-steps", type=int, default=defaults.steps, help="stage 2: steps of each run")
+    parser.add_argument("--stage2-batch", type=int, default=defaults.batch_size)
+    parser.add_argument("--stage2-crop", type=int, default=defaults.crop_size)
+    parser.add_argument("--stage2-lr", type=float, default=defaults.lr, help="stage 2: AdamW lr of both runs")
+    parser.add_argument("--frozen-nets", choices=("tiny", "pretrained"), default=defaults.frozen,
+                        help="stage 2: DINOv2 and VGG as tiny random nets (offline) or pretrained (downloads)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (the demo's models are small: 1 is fastest on a busy machine)")
+    args = parser.parse_args(argv)
+    try:
+        if is_self_guided(args.backbone):
+            parser.error(f"--backbone {args.backbone}: the paper's network has no bare version to compare with; "
+                         "choose a backbone that PerceiveAdapter wraps (restormer, nafnet, promptir, or their -tiny)")
+    except ValueError as error:  # unknown name: say so now, not after stage 1
+        parser.error(str(error))
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    started = time.perf_counter()
+    out = Path(args.out)
+
+    stage1_results = stage1(args, out, torch.device(args.device))
+    seconds = {"stage 1": time.perf_counter() - started}
+    settings = Stage2Settings(backbone=args.backbone, steps=args.stage2_steps, batch_size=args.stage2_batch,
+                              crop_size=args.stage2_crop, lr=args.stage2_lr, frozen=args.frozen_nets,
+                              device=args.device)
+    stage2 = run_stage2(out, out / "data", out / "stage1", SmallRestorer, settings)
+    seconds["stage 2"] = time.perf_counter() - started - seconds["stage 1"]
+    (out / "report.json").write_text(json.dumps({**stage1_results, "stage2": stage2, "seconds": seconds}, indent=2,
+                                                ensure_ascii=False), encoding="utf-8")
+    command = "python examples/demo.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    report = write_report(out, **stage1_results, stage2=stage2, seconds=seconds, command=command.strip())
+    print(f"12) wrote {report} (tables, grids, curves) and {out / 'report.json'}")
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
 

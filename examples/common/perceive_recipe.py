@@ -203,9 +203,18 @@ def build_perceiver(args: argparse.Namespace) -> QualityPerceiver:
         return QualityPerceiver(clip_model=name, pretrained=None, clip=clip)
 
 
-def build_criterion(args: argparse.Namespace) -> QualityAwareLoss:
-    """L1 + λ1·L_cl + λ2·L_clip + λ3·L_dpl with the flags' weights and frozen networks."""
-    perceiver = build_perceiver(args) if args.clip_weight > 0 else None
+def build_criterion(args: argparse.Namespace, perceiver: QualityPerceiver | None = None) -> QualityAwareLoss:
+    """L1 + λ1·L_cl + λ2·L_clip + λ3·L_dpl with the flags' weights and frozen networks.
+
+    ``perceiver``: a built stage-1 perceiver instead of ``--perceiver`` (in-process callers such as
+    ``examples/demo.py``); the loss freezes it and drops its text tower."""
+    if perceiver is not None:
+        if args.perceiver:
+            raise ValueError("give the perceiver either as --perceiver or as an instance, not both")
+        if not isinstance(perceiver, QualityPerceiver):
+            raise TypeError(f"perceiver must be a QualityPerceiver, got {type(perceiver).__name__}")
+    elif args.clip_weight > 0:
+        perceiver = build_perceiver(args)
     if args.frozen == "tiny":
         vgg: str | nn.Module = tiny_vgg16_layout()
     else:
@@ -371,8 +380,11 @@ def train_data(args: argparse.Namespace) -> tuple[torch.utils.data.Dataset, AllI
     return CachedNegatives(train_set, cache, slots), train_set
 
 
-def run(recipe: Recipe, argv: Sequence[str] | None = None) -> dict[str, float]:
-    """Parse ``argv``, build everything and train; returns the last validation metrics."""
+def run(recipe: Recipe, argv: Sequence[str] | None = None, *, perceiver: QualityPerceiver | None = None
+        ) -> dict[str, float]:
+    """Parse ``argv``, build everything and train; returns the last validation metrics.
+
+    ``perceiver``: a built stage-1 perceiver in place of ``--perceiver`` (see ``build_criterion``)."""
     args = build_parser(recipe).parse_args(argv)
     main_process = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
@@ -396,7 +408,7 @@ def run(recipe: Recipe, argv: Sequence[str] | None = None) -> dict[str, float]:
         if unused and main_process:
             logger.info("frozen (never used by the backbone's forward): %s", ", ".join(unused))
         dataset, train_set = train_data(args)
-        criterion = build_criterion(args).to(env.device)
+        criterion = build_criterion(args, perceiver).to(env.device)
         probe = probe_crops(train_set, args.probe_crops, config.seed) if args.difficulty == "probe" else None
         validate = (Path(args.data) / "test").is_dir() if args.val is None else args.val
         val_sets = standard_test_sets(args.data, args.layout) if validate else None
