@@ -163,7 +163,9 @@ def reading_note(real_clip: bool, settings: Mapping[str, Any]) -> str:
             "(SPEC.md §5 has the paper's numbers; docs/reproduce.md how to get them).")
     if random_nets:
         note += (" With random frozen networks the CLIP-aware and perceptual terms are not meaningful objectives, "
-                 "so Perceive-IR may well score below the bare backbone here.")
+                 "so Perceive-IR may well score below the bare backbone here: their gradients through random "
+                 "networks leave a fine periodic pattern in its samples, which costs SSIM most (on this demo's data, "
+                 "the recipe with both terms off, `--clip-weight 0 --dpl-weight 0 --no-proxies`, shows no pattern).")
     return note
 
 

@@ -264,6 +264,8 @@ def test_missing_or_incomplete_proxy_caches_are_clear_errors(data, cache, tmp_pa
     with pytest.raises(ValueError, match="--proxy-cache DIR .* or --no-proxies"):
         train_restormer_perceive.main([a for a in args_for(data, cache, tmp_path / "b") if a != str(cache)
                                        and a != "--proxy-cache"])
+    with pytest.raises(ValueError, match="--dpl-weight 0 .* pass --no-proxies"):
+        train_restormer_perceive.main(args_for(data, cache, tmp_path / "f", "--dpl-weight", "0"))
     broken = tmp_path / "broken"
     shutil.copytree(cache, broken, symlinks=True)
     (broken / "stage1" / "rain" / "rainy" / "rain-2.png.png").unlink()

@@ -363,6 +363,9 @@ def train_data(args: argparse.Namespace) -> tuple[torch.utils.data.Dataset, AllI
     if bool(args.proxy_cache) == bool(args.no_proxies):
         raise ValueError("pass --proxy-cache DIR (the render cache of the proxies, docs/training.md) or --no-proxies "
                          "(L_dpl with the easy negative only), not both or neither")
+    if args.proxy_cache and args.dpl_weight == 0:
+        raise ValueError("--dpl-weight 0 turns L_dpl off, so the proxy negatives of --proxy-cache would be read and "
+                         "never used: pass --no-proxies instead")
     noise_seed = args.noise_seed
     if args.proxy_cache:
         recorded = cache_noise_seed(args.proxy_cache)
