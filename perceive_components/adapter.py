@@ -33,7 +33,7 @@ from .modules.pgm import PGM
 from .modules.sgm import DEFAULT_DINOV2, SGM
 from .ops.checkpoint import atomic_write
 from .ops.tiling import pad_to_multiple
-from .ops.validation import check_images, check_positive_int, raise_for_stats, value_stats
+from .ops.validation import check_images, check_positive_int, deferred_value_checks
 
 logger = logging.getLogger(__name__)
 
@@ -229,12 +229,18 @@ class PerceiveAdapter(nn.Module):
         may be precomputed, e.g. once on a whole image before tiled inference; they skip DINOv2 / CFE.
         Extra ``args``/``kwargs`` go to the backbone.
         """
-        if self.validate_inputs:  # shapes now; values once the work is queued (no GPU pipeline stall)
-            check_images(images, "images", values=False)
+        if not self.validate_inputs:
+            if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+                raise ValueError(f"images must have shape (B, 3, H, W), got {getattr(images, 'shape', type(images))}")
+            return self._guided_forward(images, args, kwargs, positive, priors, embedding)
+        with deferred_value_checks():  # shapes now; values once the work is queued (no GPU pipeline stall)
+            check_images(images, "images")
             if positive is not None:
-                check_images(positive, "positive", values=False)
-        elif not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (B, 3, H, W), got {getattr(images, 'shape', type(images))}")
+                check_images(positive, "positive")
+            return self._guided_forward(images, args, kwargs, positive, priors, embedding)
+
+    def _guided_forward(self, images: torch.Tensor, args: tuple, kwargs: dict, positive: torch.Tensor | None,
+                        priors: Sequence[torch.Tensor] | None, embedding: torch.Tensor | None) -> Any:
         height, width = images.shape[-2:]
         inputs = images
         if height % self.multiple or width % self.multiple:
@@ -259,10 +265,6 @@ class PerceiveAdapter(nn.Module):
         missed = [level.name for level, visits in zip(self.levels, guidance["visits"]) if not visits]
         if missed and self._handles:
             raise RuntimeError(f"levels {missed} did not run in this forward: their PGM would get no gradient")
-        if self.validate_inputs:
-            checks = [("images", value_stats(images))] + ([("positive", value_stats(positive))] if positive is not None else [])
-            for name, stats in checks:
-                raise_for_stats(stats, name)
         self.last_embedding, self.last_positive_embedding = z, z_positive
         if inputs is not images and isinstance(output, torch.Tensor) and output.shape[-2:] == inputs.shape[-2:]:
             output = output[..., :height, :width]

@@ -22,7 +22,7 @@ from torch import nn
 
 from .hub import load_prompt_tensors, model_card, resolve_files, save_prompt_tensors
 from .ops.frozen import FrozenHolder
-from .ops.validation import check_images, check_positive_int, raise_for_stats, value_stats
+from .ops.validation import check_images, check_positive_int, deferred_value_checks
 from .prompts import PromptLearner, TextEncoder, tier_token_ids
 
 logger = logging.getLogger(__name__)
@@ -232,12 +232,9 @@ class QualityPerceiver(
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Tier logits ``(B, n_tiers)`` (logit scale applied) for images ``(B, 3, H, W)`` in [0, 1]."""
-        check_images(images, "images", values=False)
-        features = self.encode_images(images)
-        pending = value_stats(images)  # queued behind the encoder, checked last: the GPU never waits on it
-        logits = self.logits_from_features(features)
-        raise_for_stats(pending, "images")
-        return logits
+        with deferred_value_checks():  # the value check's sync comes after the encoder is queued
+            check_images(images, "images")
+            return self.logits_from_features(self.encode_images(images))
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Tier probabilities ``(B, n_tiers)``."""

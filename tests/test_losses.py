@@ -461,6 +461,26 @@ def test_quality_aware_loss_is_the_weighted_sum(tiny_perceiver):
     assert set(terms) == {"l1", "total"}
 
 
+def test_quality_aware_loss_checks_every_input_in_one_host_sync(tiny_perceiver, monkeypatch):
+    from perceive_components.ops import validation
+
+    syncs = []
+    monkeypatch.setattr(validation, "host_values", lambda stats: syncs.append(stats.shape) or stats.tolist())
+    criterion = QualityAwareLoss(tiny_perceiver, VGGFeatures(tiny_vgg_stack()))
+    restored, gt, degraded = images(2, 3, 16, 16, seed=0), images(2, 3, 16, 16, seed=1), images(2, 3, 16, 16, seed=2)
+    negatives = images(2, 2, 3, 16, 16, seed=3)
+    cfe = dict(anchor=unit_vectors(2, 4, 0).float(), positive=unit_vectors(2, 4, 1).float(), labels=torch.tensor([0, 1]))
+    criterion(restored, gt, degraded, negatives, **cfe)
+    # restored (twice: DPL and CLIP), gt, degraded, the valid negatives, anchor and positive: one (7, 2) read
+    assert syncs == [torch.Size([7, 2])]
+    bad = negatives.clone()
+    bad[1, 0, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"negatives \(valid entries\) contains NaN"):
+        criterion(restored, gt, degraded, bad, **cfe)
+    with pytest.raises(ValueError, match=r"gt must hold values in \[0, 1\]"):  # the first failing check is named
+        criterion(restored, gt * 2, degraded, bad, **cfe)
+
+
 def test_quality_aware_loss_argument_errors(tiny_perceiver):
     features = VGGFeatures(tiny_vgg_stack())
     with pytest.raises(ValueError, match="perceiver is required"):

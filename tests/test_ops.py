@@ -125,3 +125,36 @@ def test_image_io_round_trip_and_errors(tmp_path):
     with pytest.raises(ValueError, match="suffix"):
         write_image(tmp_path / "a.xyz", image)
     assert math.isclose(float(read_image(tmp_path / "a.png").max()), float(image.max()), abs_tol=1e-6)
+
+
+def test_deferred_value_checks_raise_at_the_end_in_call_order(monkeypatch):
+    from perceive_components.ops import validation
+    from perceive_components.ops.validation import check_images, check_values, deferred_value_checks
+
+    syncs = []
+    monkeypatch.setattr(validation, "host_values", lambda stats: syncs.append(tuple(stats.shape)) or stats.tolist())
+    good, nan, big = torch.rand(1, 3, 4, 4), torch.full((1, 3, 4, 4), float("nan")), torch.full((1, 3, 4, 4), 2.0)
+    ran = []
+    with pytest.raises(ValueError, match="first must hold values in"):
+        with deferred_value_checks():
+            check_images(good, "fine")
+            check_images(big, "first")
+            with deferred_value_checks():  # nested blocks join the outermost
+                check_values(nan, "second")
+            ran.append("body")  # the body runs to its end before anything is raised
+    assert ran == ["body"] and syncs == [(3, 2)]
+    syncs.clear()
+    with pytest.raises(ValueError, match="second contains NaN"):
+        with deferred_value_checks():
+            check_images(good, "fine")
+            check_values(nan, "second", value_range=None)
+    with pytest.raises(KeyError):  # an error inside the block wins; its queued checks are dropped
+        with deferred_value_checks():
+            check_images(nan, "dropped")
+            raise KeyError("body")
+    with deferred_value_checks():
+        check_images(good, "fine")
+    check_images(good, "outside")  # outside a block every check syncs on its own
+    assert syncs == [(2, 2), (1, 2), (2,)]
+    with pytest.raises(ValueError, match="outside contains NaN"):
+        check_images(nan, "outside")

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..ops.frozen import FrozenHolder
-from ..ops.validation import check_choice, check_images
+from ..ops.validation import check_choice, check_images, deferred_value_checks
 from .common import check_loss_weight, check_reduction, reduce
 
 FORMS = ("one_minus_p", "nll")
@@ -41,6 +41,7 @@ def _check_scale(logit_scale: object) -> float | None:
     return float(logit_scale)
 
 
+@deferred_value_checks()  # value checks: one host sync, after the work is queued
 def clip_aware_loss(
     restored: torch.Tensor,
     perceiver: nn.Module,

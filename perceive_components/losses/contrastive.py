@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..ops.validation import check_values
+from ..ops.validation import check_values, deferred_value_checks
 from .common import check_loss_weight, check_reduction
 
 TEMPERATURE = 0.1
@@ -95,6 +95,7 @@ def info_nce_per_anchor(
         return torch.where(valid, per_anchor, per_anchor.new_zeros(())), valid
 
 
+@deferred_value_checks()  # value checks: one host sync, after the work is queued
 def degradation_contrastive_loss(
     anchor: torch.Tensor,
     positive: torch.Tensor,

@@ -19,33 +19,26 @@ def _sign_int8(diff: torch.Tensor) -> torch.Tensor:
 class _MeanAbsToAnchor(torch.autograd.Function):
     """D = mean |a − o| between anchor feature maps and constant ones; the gradient goes to the anchors.
 
-    ``forward(anchor (B, C, H, W), paired (P, B, C, H, W), gathered (N, C, H, W), owner (N,), counts)``
-    returns ``(P, B)`` distances to the paired maps (G and L) and ``(N,)`` distances of the gathered maps
-    (valid proxy negatives, sample-major: row n belongs to sample ``owner[n]``, ``counts[b]`` rows each)
-    to their sample's anchor.
+    ``forward(anchor (B, C, H, W), paired (P, B, C, H, W), gathered (N, C, H, W), owner (N,))`` returns
+    ``(P, B)`` distances to the paired maps (G and L) and ``(N,)`` distances of the gathered maps (valid
+    proxy negatives; row n belongs to sample ``owner[n]``) to their sample's anchor. No host sync.
     Versus the autograd graph of ``(a[owner] − o).abs().mean()``: no copy of the anchor per negative and
     no saved float ``|a − o|`` (only its sign, as int8: a quarter of the memory); on the CPU no large
     temporaries at all (row by row through a cache-hot scratch map), on accelerators a few batched kernels.
     """
 
     @staticmethod
-    def forward(ctx, anchor, paired, gathered, owner, counts):
+    def forward(ctx, anchor, paired, gathered, owner):
         numel = anchor[0].numel()
         if _vectorized(anchor):
             diff_paired = anchor.unsqueeze(0) - paired
-            diff_gathered = torch.empty_like(gathered)
-            start = 0
-            for sample, count in enumerate(counts):
-                if count:
-                    torch.sub(anchor[sample : sample + 1], gathered[start : start + count],
-                              out=diff_gathered[start : start + count])
-                    start += count
+            diff_gathered = anchor.index_select(0, owner).sub_(gathered)
             paired_dist = torch.linalg.vector_norm(diff_paired.flatten(2), ord=1, dim=2) / numel
             gathered_dist = torch.linalg.vector_norm(diff_gathered.flatten(1), ord=1, dim=1) / numel
             sign_paired, sign_gathered = _sign_int8(diff_paired), _sign_int8(diff_gathered)
         else:  # row by row through one cache-hot scratch map
             rows = [(sample, paired[index, sample]) for index in range(paired.shape[0])
-                    for sample in range(len(counts))]
+                    for sample in range(paired.shape[1])]
             rows += [(sample, gathered[row]) for row, sample in enumerate(owner.tolist())]
             signs = torch.empty((len(rows),) + anchor.shape[1:], dtype=torch.int8, device=anchor.device)
             scratch, sign, norms = torch.empty_like(anchor[0]), torch.empty_like(anchor[0]), []
@@ -54,7 +47,7 @@ class _MeanAbsToAnchor(torch.autograd.Function):
                 signs[row].copy_(torch.sign(scratch, out=sign))
                 norms.append(scratch.abs_().sum())
             dist = torch.stack(norms) / numel if rows else anchor.new_zeros(0)
-            split = paired.shape[0] * len(counts)
+            split = paired.shape[0] * paired.shape[1]
             paired_dist, gathered_dist = dist[:split].view(paired.shape[:2]), dist[split:]
             sign_paired, sign_gathered = signs[:split].view(paired.shape[:2] + anchor.shape[1:]), signs[split:]
         ctx.save_for_backward(sign_paired, sign_gathered, owner)
@@ -65,7 +58,7 @@ class _MeanAbsToAnchor(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_paired, grad_gathered):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None
         sign_paired, sign_gathered, owner = ctx.saved_tensors
         trailing = (1,) * (sign_gathered.ndim - 1)
         scale_paired = (grad_paired / ctx.numel).view(grad_paired.shape + trailing)
@@ -78,7 +71,7 @@ class _MeanAbsToAnchor(torch.autograd.Function):
         else:  # in place, no temporaries (fresh CPU memory costs page faults)
             for row, sample in enumerate(owner.tolist()):
                 grad[sample].addcmul_(sign_gathered[row], scale_gathered[row])
-        return grad, None, None, None, None
+        return grad, None, None, None
 
 
 def _vectorized(tensor: torch.Tensor) -> bool:
@@ -86,8 +79,8 @@ def _vectorized(tensor: torch.Tensor) -> bool:
     return tensor.device.type != "cpu"
 
 
-def mean_abs_to_anchor(anchor: torch.Tensor, paired: torch.Tensor, gathered: torch.Tensor, owner: torch.Tensor,
-                       counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def mean_abs_to_anchor(anchor: torch.Tensor, paired: torch.Tensor, gathered: torch.Tensor, owner: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(P, B)`` distances of ``anchor (B, C, H, W)`` to ``paired (P, B, C, H, W)`` and ``(N,)`` distances of
-    ``gathered (N, C, H, W)`` to ``anchor[owner]`` (``owner`` sorted, ``counts[b]`` rows per sample b)."""
-    return _MeanAbsToAnchor.apply(anchor, paired, gathered, owner, counts)
+    ``gathered (N, C, H, W)`` to ``anchor[owner]``."""
+    return _MeanAbsToAnchor.apply(anchor, paired, gathered, owner)

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..ops.frozen import FrozenHolder
 from ..ops.metrics import psnr
-from ..ops.validation import check_choice, check_images, check_same_shape
+from ..ops.validation import check_choice, check_images, check_same_shape, deferred_value_checks
 from .common import at_least_float32, check_loss_weight, check_reduction, reduce, straight_through_clamp
 from .feature_distance import mean_abs_to_anchor
 from .vgg import DEFAULT_TAPS, DEFAULT_VGG, as_vgg_features
@@ -91,6 +91,7 @@ def _valid_negatives(restored: torch.Tensor, negatives: torch.Tensor | None, mas
     return valid, owner
 
 
+@deferred_value_checks()  # value checks: one host sync, after the work is queued
 def difficulty_adaptive_perceptual_loss(
     restored: torch.Tensor,
     gt: torch.Tensor,
@@ -148,12 +149,11 @@ def difficulty_adaptive_perceptual_loss(
         raise ValueError(f"features returned {len(anchors)} maps but layer_weights has {len(layer_weights)} entries")
 
     owner_rows = owner if valid is not None else torch.zeros(0, dtype=torch.long, device=restored.device)
-    counts = torch.bincount(owner_rows, minlength=batch).tolist()
     ratio = 0.0
     for weight, anchor, other in zip(layer_weights, anchors, others):
         anchor, other = at_least_float32(anchor), at_least_float32(other)  # distances in fp32 under autocast
         paired = other[: 2 * batch].unflatten(0, (2, batch))
-        (positive, easy), push = mean_abs_to_anchor(anchor, paired, other[2 * batch :], owner_rows, counts)
+        (positive, easy), push = mean_abs_to_anchor(anchor, paired, other[2 * batch :], owner_rows)
         denominator = w_easy * easy
         if valid is not None:
             denominator = denominator.index_add(0, owner, weights.to(denominator.dtype) * push)

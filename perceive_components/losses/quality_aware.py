@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..ops.validation import check_same_shape
+from ..ops.validation import check_same_shape, deferred_value_checks
 from .clip_aware import CLIPAwareLoss
 from .common import at_least_float32, check_loss_weight, check_reduction, reduce
 from .contrastive import TEMPERATURE, DegradationContrastiveLoss
@@ -83,6 +83,7 @@ class QualityAwareLoss(nn.Module):
         ) if self.perceptual_weight > 0 else None
         self.contrastive_loss = DegradationContrastiveLoss(temperature, reduction=self.reduction)
 
+    @deferred_value_checks()  # every term's value checks share one host sync, after the work is queued
     def forward(
         self,
         restored: torch.Tensor,

@@ -1,13 +1,16 @@
 """Input checks shared by every public entry point (DESIGN.md §3).
 
 Each check names the argument, says what was expected and what came. They run once, at the public
-boundary; internal code trusts its inputs. Value checks (finite, range) cost one fused reduction and
-one host sync per call.
+boundary; internal code trusts its inputs. Value checks (finite, range) cost one fused reduction each and
+a host sync; inside :func:`deferred_value_checks` the syncs wait until the block's work is queued, and all
+of its checks share one sync per device.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+import threading
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 
@@ -21,14 +24,12 @@ def check_images(
     channels: int | None = 3,
     value_range: tuple[float, float] | None = (0.0, 1.0),
     allow_empty: bool = False,
-    values: bool = True,
 ) -> torch.Tensor:
     """Validate a batch ``(B, C, H, W)`` of floating-point images and return it unchanged.
 
     Raises ``TypeError`` for a non-tensor or a non-floating dtype and ``ValueError`` for a wrong rank,
     channel count, empty batch, non-finite values or values outside ``value_range`` (± RANGE_TOLERANCE).
-    ``values=False`` checks only type and shape; pair it with :func:`value_stats` / :func:`raise_for_stats`
-    to check the values *after* the real work is queued on the device (no pipeline stall).
+    Inside :func:`deferred_value_checks` the value check waits for the end of the block (no pipeline stall).
     """
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}")
@@ -45,9 +46,44 @@ def check_images(
         raise ValueError(f"{name} is an empty batch (shape {tuple(images.shape)})")
     if images.shape[2] == 0 or images.shape[3] == 0:
         raise ValueError(f"{name} has an empty spatial size (shape {tuple(images.shape)})")
-    if values and images.numel():
+    if images.numel():
         check_values(images, name, value_range=value_range)
     return images
+
+
+_deferred = threading.local()  # .checks: the pending (stats, name, value_range) of the open block, or None
+
+
+@contextmanager
+def deferred_value_checks() -> Iterator[None]:
+    """Queue the value checks made inside the block and run them all when it ends, with one host sync per
+    device, raising for the first failing check in call order.
+
+    A public entry point wraps its body in it so that its checks never stall the GPU pipeline midway:
+    the reductions are queued behind the real work, and the block's single sync comes after it. Nested
+    blocks join the outermost. If the body raises, that exception propagates and the queued checks are
+    dropped.
+    """
+    if getattr(_deferred, "checks", None) is not None:
+        yield
+        return
+    checks: list[tuple[torch.Tensor, str, tuple[float, float] | None]] = []
+    _deferred.checks = checks
+    try:
+        yield
+    finally:
+        _deferred.checks = None
+    rows: dict[int, list[float]] = {}
+    for device in {stats.device for stats, _, _ in checks}:
+        indices = [i for i, (stats, _, _) in enumerate(checks) if stats.device == device]
+        rows.update(zip(indices, host_values(torch.stack([checks[i][0] for i in indices]))))
+    for index, (_, name, value_range) in enumerate(checks):
+        _raise_for_min_max(*rows[index], name, value_range)
+
+
+def host_values(stats: torch.Tensor) -> list:
+    """``stats.tolist()``: the host sync of the value checks (one function, so tests can count the syncs)."""
+    return stats.tolist()
 
 
 def value_stats(tensor: torch.Tensor) -> torch.Tensor:
@@ -57,11 +93,7 @@ def value_stats(tensor: torch.Tensor) -> torch.Tensor:
         return torch.stack([low.float(), high.float()])
 
 
-def raise_for_stats(
-    stats: torch.Tensor, name: str, *, value_range: tuple[float, float] | None = (0.0, 1.0)
-) -> None:
-    """Raise ``ValueError`` if ``value_stats`` saw NaN/Inf or values outside ``value_range`` (one host sync)."""
-    low_v, high_v = stats.tolist()
+def _raise_for_min_max(low_v: float, high_v: float, name: str, value_range: tuple[float, float] | None) -> None:
     if not (math.isfinite(low_v) and math.isfinite(high_v)):
         raise ValueError(f"{name} contains NaN or Inf values")
     if value_range is not None:
@@ -76,8 +108,15 @@ def raise_for_stats(
 def check_values(
     tensor: torch.Tensor, name: str, *, value_range: tuple[float, float] | None = (0.0, 1.0)
 ) -> None:
-    """Raise ``ValueError`` if ``tensor`` holds NaN/Inf or leaves ``value_range`` by more than the tolerance."""
-    raise_for_stats(value_stats(tensor), name, value_range=value_range)
+    """Raise ``ValueError`` if ``tensor`` holds NaN/Inf or leaves ``value_range`` by more than the tolerance
+    (at the end of the enclosing :func:`deferred_value_checks` block, if any)."""
+    stats = value_stats(tensor)
+    pending = getattr(_deferred, "checks", None)
+    if pending is None:
+        low, high = host_values(stats)
+        _raise_for_min_max(low, high, name, value_range)
+    else:
+        pending.append((stats, name, value_range))
 
 
 def check_same_shape(reference: torch.Tensor, ref_name: str, other: torch.Tensor, other_name: str) -> None:
