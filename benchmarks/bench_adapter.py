@@ -21,9 +21,7 @@ import json
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -31,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perceive_components import PerceiveAdapter  # noqa: E402
 from perceive_components.modules import SGM  # noqa: E402
+from timing import timer  # noqa: E402  (benchmarks/timing.py)
 
 DINOV2_B = "vit_base_patch14_dinov2.lvd142m"
 
@@ -52,26 +51,10 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def timer(device: torch.device, clock: str) -> Callable[[Callable[[], object]], float]:
-    now = time.process_time if clock == "process" else time.perf_counter
-
-    def run(fn: Callable[[], object]) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = now()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return now() - start
-
-    return run
-
-
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
-    if args.clock == "process" and device.type != "cpu":
-        raise SystemExit("--clock process measures CPU work; use the wall clock on a GPU")
+    measure = timer(device, args.clock)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -101,7 +84,6 @@ def main() -> None:
     on_gpu = device.type == "cuda"
     repeats = args.repeats or (50 if on_gpu else 5)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
-    measure = timer(device, args.clock)
     times: dict[str, list[float]] = {name: [] for name in parts}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
     order = random.Random(0)

@@ -28,7 +28,6 @@ import contextlib
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perceive_components import QualityAwareLoss, QualityPerceiver  # noqa: E402
 from perceive_components.losses import VGGFeatures  # noqa: E402
+from timing import round_ratio, timer  # noqa: E402  (benchmarks/timing.py)
 
 
 def parse_args() -> argparse.Namespace:
@@ -91,8 +91,7 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    if args.clock == "cpu" and on_gpu:
-        raise SystemExit("--clock cpu measures CPU work; use --clock wall on CUDA")
+    timed = timer(device, args.clock)
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (50 if on_gpu else 5)
@@ -177,17 +176,6 @@ def main() -> None:
         "dpl_straightforward_half_masked": straightforward,
     }
 
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-
-    def timed(fn: Callable[[], None]) -> float:
-        if on_gpu:
-            torch.cuda.synchronize(device)
-        start = clock()
-        fn()
-        if on_gpu:
-            torch.cuda.synchronize(device)
-        return clock() - start
-
     for _ in range(warmup):
         for fn in cases.values():
             fn()
@@ -209,11 +197,8 @@ def main() -> None:
         "straightforward DPL / our DPL, K=4 half masked (speed-up)":
             (["dpl_straightforward_half_masked"], ["dpl_ours_half_masked"]),
     }
-    ratios = {}
-    for label, (numerator, denominator) in definitions.items():
-        per_round = [sum(samples[c][r] for c in numerator) / sum(samples[c][r] for c in denominator)
-                     for r in range(repeats)]
-        ratios[label] = (statistics.median(per_round), min(per_round), max(per_round))
+    ratios = {label: round_ratio(samples, numerator, denominator)
+              for label, (numerator, denominator) in definitions.items()}
     name = torch.cuda.get_device_name(device) if on_gpu else "CPU"
     print(f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{'bf16 autocast' if args.bf16 else 'fp32'}, {s}² crops, batch {b}, K = {k}, {repeats} rounds "

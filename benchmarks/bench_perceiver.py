@@ -17,7 +17,6 @@ import json
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,18 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from perceive_components import QualityPerceiver  # noqa: E402
-
-
-def timer(device: torch.device):
-    def run(fn) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-    return run
+from timing import timer  # noqa: E402  (benchmarks/timing.py)
 
 
 def machine(device: torch.device) -> str:

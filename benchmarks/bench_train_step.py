@@ -64,6 +64,7 @@ from examples.train_plain import l1_step  # noqa: E402
 from examples.train_restormer_perceive import RECIPE  # noqa: E402
 from perceive_components.negatives import ProxyNegatives, RenderCache, items_from_manifest  # noqa: E402
 from perceive_components.ops.frozen import FrozenHolder  # noqa: E402
+from timing import round_ratio, timer  # noqa: E402  (benchmarks/timing.py)
 
 ONLINE_PROXIES = ("restormer", "promptir", "nafnet", "restormer")
 BARE_PASSES = ("bare_backbone_fwd_bwd", "bare_dinov2_fwd", "bare_clip_fwd_bwd", "bare_vgg_fwd_bwd",
@@ -216,8 +217,7 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    if args.clock == "cpu" and on_gpu:
-        raise SystemExit("--clock cpu measures CPU work; use --clock wall on CUDA")
+    timer(device, args.clock)  # refuses a CPU clock on a GPU before the minutes of set-up
     if args.threads:
         torch.set_num_threads(args.threads)
     args.batch = args.batch or (8 if on_gpu else 1)
@@ -303,16 +303,7 @@ def run_cases(args: argparse.Namespace, perceive: Trainer, plain: Trainer, proxi
         "bare_vgg_fwd_bwd": bare_vgg_grad,
         "bare_vgg_nograd_rest": bare_vgg_rest,
     }
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
-
-    def timed(fn: Callable[[], None]) -> float:
-        if on_gpu:
-            torch.cuda.synchronize(device)
-        start = clock()
-        fn()
-        if on_gpu:
-            torch.cuda.synchronize(device)
-        return clock() - start
+    timed = timer(device, args.clock)
 
     next_batch()
     valid_negatives = int(current["batch"]["negative_mask"].sum())
@@ -345,11 +336,7 @@ def run_cases(args: argparse.Namespace, perceive: Trainer, plain: Trainer, proxi
 
 
 def per_round(samples: dict[str, list[float]], numerator: list[str], denominator: list[str]) -> tuple[float, ...]:
-    if not samples:  # --flops-only
-        return (math.nan, math.nan, math.nan)
-    ratios = [sum(samples[c][r] for c in numerator) / sum(samples[c][r] for c in denominator)
-              for r in range(len(samples[numerator[0]]))]
-    return statistics.median(ratios), min(ratios), max(ratios)
+    return round_ratio(samples, numerator, denominator) if samples else (math.nan,) * 3  # none: --flops-only
 
 
 def report(args: argparse.Namespace, results: dict[str, Any], device: torch.device, repeats: int, warmup: int,
