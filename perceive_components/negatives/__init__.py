@@ -4,7 +4,7 @@
 - ``RenderCache``: render proxies once over a data set to disk (tiled, resumable) and read the
   negatives back aligned with each training crop (``CropFlip``).
 """
-from .alignment import CropFlip
+from ..data.crops import CropFlip
 from .cache import CacheItem, RenderCache, items_from_folder, items_from_manifest
 from .proxies import ProxyNegatives
 

@@ -38,7 +38,7 @@ from ..ops.checkpoint import atomic_write
 from ..ops.frozen import module_device
 from ..ops.io import list_images, read_image, to_uint8, write_image
 from ..ops.tiling import tiled_apply
-from .alignment import CropFlip
+from ..data.crops import CropFlip
 from .proxies import resolve_autocast
 
 logger = logging.getLogger(__name__)
