@@ -2,7 +2,7 @@
 
 The step under test (a) is the recipe's own: the objects of ``examples/train_restormer_perceive.py``
 (``perceive_recipe``: ``build_net``, ``build_criterion``, ``train_data``, ``PerceiveStep``) driven by the shared
-``Trainer``'s step (``_train_step``: bf16 autocast if asked, forward, ``QualityAwareLoss``, backward, gradient
+``Trainer``'s step (``train_step``: bf16 autocast if asked, forward, ``QualityAwareLoss``, backward, gradient
 norm, fused AdamW on CUDA, cosine scheduler). Network: the default Restormer (26.1 M) in ``PerceiveAdapter``
 (DINOv2-B + CFE + PGM), all four losses, K = 4 proxy negatives read from a real ``RenderCache`` (files
 rendered beforehand, read back with each crop's box and flips by the training loader). Against it:
@@ -132,8 +132,7 @@ def build_trainers(args: argparse.Namespace, data: Path, cache: Path, run_dir: P
     torch.manual_seed(config.seed)
     plain = Trainer(create_backbone("restormer"), dataset, l1_step, config)
     for trainer in (perceive, plain):  # what Trainer.fit does before its loop, for one process (no logs/checkpoints)
-        trainer._build(env)
-        trainer.net = trainer.model
+        trainer.setup(env)
     return perceive, plain
 
 
@@ -246,7 +245,7 @@ def run_cases(args: argparse.Namespace, perceive: Trainer, plain: Trainer, proxi
     net, criterion, bare = perceive.model, cached_step.criterion, plain.model
     sgm, perceiver, vgg = net.sgm, criterion.clip_loss.perceiver, criterion.perceptual_loss.vgg
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)  # noqa: E731
-    batches = perceive._batches()
+    batches = perceive.batches()
     current: dict[str, Any] = {}
 
     def next_batch() -> None:
@@ -256,7 +255,7 @@ def run_cases(args: argparse.Namespace, perceive: Trainer, plain: Trainer, proxi
     def recipe_step(step_fn: Callable) -> Callable[[], None]:
         def run() -> None:
             perceive.step_fn = step_fn
-            perceive._train_step(current["batch"])
+            perceive.train_step(current["batch"])
         return run
 
     def bare_backbone() -> None:
@@ -296,7 +295,7 @@ def run_cases(args: argparse.Namespace, perceive: Trainer, plain: Trainer, proxi
     cases: dict[str, Callable[[], None]] = {
         "recipe_step_cached": recipe_step(cached_step),
         "recipe_step_online_proxies": recipe_step(online_step),
-        "bare_restormer_l1_step": lambda: plain._train_step(current["batch"]),
+        "bare_restormer_l1_step": lambda: plain.train_step(current["batch"]),
         "bare_backbone_fwd_bwd": bare_backbone,
         "bare_dinov2_fwd": bare_dinov2,
         "bare_clip_fwd_bwd": bare_clip,

@@ -21,6 +21,7 @@ from examples.common import (NonFiniteLossError, ResumableBatchSampler, SeededDa
                              add_train_args, config_from_args)
 from examples.common.checkpoints import CheckpointManager
 from examples.common.ema import ModelEMA
+from examples.common.trainer import seed_process
 from perceive_components.ops.checkpoint import load_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,6 +311,25 @@ def test_ema_update_and_swap_restore_the_training_weights_exactly():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
     with pytest.raises(ValueError, match="decay"):
         ModelEMA(model, decay=1.0)
+
+
+def test_steps_driven_by_hand_match_fit(tmp_path):
+    """setup / batches / train_step (the public single-step API) give fit's logged losses, step for step."""
+    Trainer(tiny_model(), RandomPairs(), l1, config(tmp_path / "fit")).fit()
+    logged = [float(row["loss"]) for row in read_csv(tmp_path / "fit" / "run" / "train_log.csv")]
+    trainer = Trainer(tiny_model(), RandomPairs(), l1, config(tmp_path / "hand"))
+    trainer.setup()
+    seed_process(trainer.config.seed, rank=0)  # as fit does before its first step
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    batches = trainer.batches()
+    by_hand = []
+    for _ in range(trainer.config.steps):
+        values, names, lr = trainer.train_step(next(batches))
+        assert names == ["loss", "grad_norm"] and lr > 0
+        by_hand.append(values[0])
+    assert by_hand == pytest.approx(logged, rel=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert not any((tmp_path / "hand").rglob("*.*")), "driving steps by hand writes no logs or checkpoints"
 
 
 def test_validation_metrics_grids_and_flags(tmp_path):

@@ -31,7 +31,7 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -101,8 +101,12 @@ class Trainer:
         finally:
             close_distributed()
 
-    def _build(self, env: DistEnv) -> None:
+    def setup(self, env: DistEnv | None = None) -> None:
+        """Build the optimiser, scheduler, EMA, sampler, data loader and checkpoint manager on ``env``
+        (default: ``init_distributed(config.device)``); ``fit`` calls it. Call it yourself to drive the steps by
+        hand (``batches`` and ``train_step``: profiling, a custom loop) — no logs, checkpoints or DDP then."""
         cfg = self.config
+        env = env if env is not None else init_distributed(cfg.device)
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
@@ -122,6 +126,7 @@ class Trainer:
                                  collate_fn=self.collate_fn, pin_memory=env.device.type == "cuda",
                                  persistent_workers=cfg.workers > 0, generator=torch.Generator())
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.keep_last)
+        self.net = self.model  # fit() wraps it in DDP under torchrun
 
     def _data_record(self) -> dict[str, int]:
         return {"dataset_len": len(self.train_set), "global_batch": self.config.batch_size,
@@ -201,7 +206,8 @@ class Trainer:
             self.checkpoints.save(state, self.step)
 
     # ----------------------------------------------------------------------------------------- loop
-    def _batches(self):
+    def batches(self) -> Iterator[Any]:
+        """Training batches from the current step's position on, epoch after epoch (after ``setup``)."""
         epoch, offset = self.sampler.position(self.step)
         while True:
             self.sampler.set_position(epoch, offset)
@@ -210,7 +216,7 @@ class Trainer:
 
     def _fit(self, env: DistEnv) -> dict[str, float]:
         cfg = self.config
-        self._build(env)
+        self.setup(env)
         self.step, self.nonfinite = 0, 0
         path = self._resume_path()
         if path is not None:
@@ -224,13 +230,13 @@ class Trainer:
         self.log = RunLog(self.out_dir, self.step, cfg.tensorboard) if env.is_main else None
         metrics: dict[str, float] = {}
         progress = tqdm(total=cfg.steps, initial=self.step, disable=not env.is_main, desc="train", dynamic_ncols=True)
-        batches = self._batches()
+        batches = self.batches()
         try:
             self.net.train()
             clock = time.perf_counter()
             since = self.step
             while self.step < cfg.steps:
-                values, names, lr = self._train_step(next(batches))
+                values, names, lr = self.train_step(next(batches))
                 self.step += 1
                 progress.update(1)
                 skipped = not all(math.isfinite(v) for v in values)
@@ -262,7 +268,10 @@ class Trainer:
                 self.log.close()
         return metrics
 
-    def _train_step(self, batch: Any) -> tuple[list[float], list[str], float]:
+    def train_step(self, batch: Any) -> tuple[list[float], list[str], float]:
+        """One optimisation step on ``batch`` (docs/training.md, "The step"): returns the process-averaged
+        ``[loss, *terms, grad_norm]``, their names and the learning rate used. A non-finite value skips the
+        update; ``fit`` counts such steps, this method alone does not. ``self.step`` is left to the caller."""
         cfg, env = self.config, self.env
         batch = move_to(batch, env.device)
         lr = self.optimizer.param_groups[0]["lr"]
