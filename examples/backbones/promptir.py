@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import RestorationBackbone
-from .restormer import Downsample, PatchEmbed, TransformerBlock, Upsample, transformer_stage
+from .restormer import Downsample, PatchEmbed, RestormerLevels, TransformerBlock, Upsample, transformer_stage
 
 CONFIGS: dict[str, dict] = {
     "default": dict(inp_channels=3, out_channels=3, dim=48, num_blocks=(4, 6, 6, 8), num_refinement_blocks=4,
@@ -73,7 +73,7 @@ class PromptGenBlock(nn.Module):
         return self.conv3x3(prompt)
 
 
-class PromptIR(RestorationBackbone):
+class PromptIR(RestormerLevels, RestorationBackbone):
     """PromptIR, ``(B, inp_channels, H, W) → (B, out_channels, H, W)`` with H, W multiples of 8."""
 
     family = "PromptIR"
@@ -144,17 +144,6 @@ class PromptIR(RestorationBackbone):
         self.decoder_level1 = stage(2 * c, num_blocks[0], heads[0])
         self.refinement = stage(2 * c, num_refinement_blocks, heads[0])
         self.output = nn.Conv2d(2 * c, out_channels, kernel_size=3, padding=1, bias=bias)
-
-    @property
-    def size_factor(self) -> int:
-        return 8
-
-    def decoder_levels(self) -> dict[str, int]:
-        c = self.config["dim"]
-        return {"latent": 8 * c, "decoder_level3": 4 * c, "decoder_level2": 2 * c, "decoder_level1": 2 * c}
-
-    def decoder_strides(self) -> dict[str, int]:
-        return {"latent": 8, "decoder_level3": 4, "decoder_level2": 2, "decoder_level1": 1}
 
     @staticmethod
     def _prompted(features: torch.Tensor, prompt: nn.Module, interact: nn.Module, reduce: nn.Module) -> torch.Tensor:

@@ -179,7 +179,23 @@ class Upsample(nn.Module):
         return self.body(x)
 
 
-class Restormer(RestorationBackbone):
+class RestormerLevels:
+    """The decoder levels of the Restormer U-Net (shared with PromptIR, built on the same skeleton): the
+    latent and three decoder stages by name, their channels (``dim`` = C) and strides."""
+
+    @property
+    def size_factor(self) -> int:
+        return 8
+
+    def decoder_levels(self) -> dict[str, int]:
+        c = self.config["dim"]
+        return {"latent": 8 * c, "decoder_level3": 4 * c, "decoder_level2": 2 * c, "decoder_level1": 2 * c}
+
+    def decoder_strides(self) -> dict[str, int]:
+        return {"latent": 8, "decoder_level3": 4, "decoder_level2": 2, "decoder_level1": 1}
+
+
+class Restormer(RestormerLevels, RestorationBackbone):
     """Restormer, ``(B, inp_channels, H, W) → (B, out_channels, H, W)`` with H, W multiples of 8.
 
     ``dual_pixel_task=True`` (with ``inp_channels=6``) is the dual-pixel defocus-deblurring variant: a 1x1
@@ -224,17 +240,6 @@ class Restormer(RestorationBackbone):
         if dual_pixel_task:
             self.skip_conv = nn.Conv2d(c, 2 * c, kernel_size=1, bias=bias)
         self.output = nn.Conv2d(2 * c, out_channels, kernel_size=3, padding=1, bias=bias)
-
-    @property
-    def size_factor(self) -> int:
-        return 8
-
-    def decoder_levels(self) -> dict[str, int]:
-        c = self.config["dim"]
-        return {"latent": 8 * c, "decoder_level3": 4 * c, "decoder_level2": 2 * c, "decoder_level1": 2 * c}
-
-    def decoder_strides(self) -> dict[str, int]:
-        return {"latent": 8, "decoder_level3": 4, "decoder_level2": 2, "decoder_level1": 1}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self.check_input_size(images)
