@@ -216,7 +216,7 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
-    timer(device, args.clock)  # refuses a CPU clock on a GPU before the minutes of set-up
+    timed = timer(device, args.clock)  # built first: refuses a CPU clock on a GPU before the minutes of set-up
     if args.threads:
         torch.set_num_threads(args.threads)
     args.batch = args.batch or (8 if on_gpu else 1)
@@ -232,13 +232,14 @@ def main() -> None:
         proxies = ProxyNegatives({f"{name}_{j}": create_backbone(name) for j, name in enumerate(names)},
                                  multiple=8).to(device)
         setup_s = time.perf_counter() - setup_start
-        results = run_cases(args, perceive, plain, proxies, device, repeats, warmup)
+        results = run_cases(args, perceive, plain, proxies, device, timed, repeats, warmup)
     report(args, results, device, repeats, warmup, setup_s, len(names))
     print(f"\n(whole run: {time.perf_counter() - setup_start:.0f} s)")
 
 
 def run_cases(args: argparse.Namespace, perceive: Trainer, plain: Trainer, proxies: ProxyNegatives,
-              device: torch.device, repeats: int, warmup: int) -> dict[str, Any]:
+              device: torch.device, timed: Callable[[Callable[[], object]], float], repeats: int, warmup: int
+              ) -> dict[str, Any]:
     on_gpu = device.type == "cuda"
     cached_step = perceive.step_fn
     online_step = OnlineProxiesStep(proxies, cached_step)
@@ -302,7 +303,6 @@ def run_cases(args: argparse.Namespace, perceive: Trainer, plain: Trainer, proxi
         "bare_vgg_fwd_bwd": bare_vgg_grad,
         "bare_vgg_nograd_rest": bare_vgg_rest,
     }
-    timed = timer(device, args.clock)
 
     next_batch()
     valid_negatives = int(current["batch"]["negative_mask"].sum())

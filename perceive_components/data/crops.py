@@ -67,7 +67,8 @@ class CropFlip:
 
     def __post_init__(self) -> None:
         if min(self.top, self.left) < 0 or min(self.height, self.width) <= 0:
-            raise ValueError(f"crop box must have top, left >= 0 and height, width > 0, got {self}")
+            raise ValueError("crop box must be (top >= 0, left >= 0, height > 0, width > 0), got "
+                             f"{(self.top, self.left, self.height, self.width)}")
         if self.rot90 not in (0, 1, 2, 3):
             raise ValueError(f"rot90 must be 0, 1, 2 or 3 quarter turns, got {self.rot90!r}")
 
@@ -133,13 +134,12 @@ def crop_flip(image: torch.Tensor, box: Sequence[int] | torch.Tensor, flip: Sequ
     if image.ndim < 3:
         raise ValueError(f"image must have shape (..., C, H, W), got {tuple(image.shape)}")
     y, x, h, w = (int(v) for v in box)
-    if min(y, x) < 0 or min(h, w) <= 0:
-        raise ValueError(f"box must be (y >= 0, x >= 0, h > 0, w > 0), got {(y, x, h, w)}")
+    horizontal, vertical = (bool(v) for v in flip)
+    crop = CropFlip(y, x, h, w, hflip=horizontal, vflip=vertical)  # validates the box
     height, width = image.shape[-2:]
     pad_h, pad_w = max(0, y + h - height), max(0, x + w - width)
     if pad_h or pad_w:
         mode = "reflect" if pad_h < height and pad_w < width else "replicate"
         flat = image.reshape(-1, *image.shape[-3:])
         image = F.pad(flat, (0, pad_w, 0, pad_h), mode=mode).reshape(*image.shape[:-2], height + pad_h, width + pad_w)
-    horizontal, vertical = (bool(v) for v in flip)
-    return CropFlip(y, x, h, w, hflip=horizontal, vflip=vertical).apply(image).contiguous()
+    return crop.apply(image).contiguous()

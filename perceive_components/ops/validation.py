@@ -51,7 +51,7 @@ def check_images(
     return images
 
 
-_deferred = threading.local()  # .checks: the pending (stats, name, value_range) of the open block, or None
+_deferred = threading.local()  # .checks: the open block's pending (tensor, stats, name, value_range), or None
 
 
 @contextmanager
@@ -61,23 +61,24 @@ def deferred_value_checks() -> Iterator[None]:
 
     A public entry point wraps its body in it so that its checks never stall the GPU pipeline midway:
     the reductions are queued behind the real work, and the block's single sync comes after it. Nested
-    blocks join the outermost. If the body raises, that exception propagates and the queued checks are
-    dropped.
+    blocks join the outermost; a tensor already queued for the same range is not reduced again (e.g.
+    ``restored``, checked by two loss terms). If the body raises, that exception propagates and the queued
+    checks are dropped.
     """
     if getattr(_deferred, "checks", None) is not None:
         yield
         return
-    checks: list[tuple[torch.Tensor, str, tuple[float, float] | None]] = []
+    checks: list[tuple[torch.Tensor, torch.Tensor, str, tuple[float, float] | None]] = []
     _deferred.checks = checks
     try:
         yield
     finally:
         _deferred.checks = None
     rows: dict[int, list[float]] = {}
-    for device in {stats.device for stats, _, _ in checks}:
-        indices = [i for i, (stats, _, _) in enumerate(checks) if stats.device == device]
-        rows.update(zip(indices, host_values(torch.stack([checks[i][0] for i in indices]))))
-    for index, (_, name, value_range) in enumerate(checks):
+    for device in {stats.device for _, stats, _, _ in checks}:
+        indices = [i for i, (_, stats, _, _) in enumerate(checks) if stats.device == device]
+        rows.update(zip(indices, host_values(torch.stack([checks[i][1] for i in indices]))))
+    for index, (_, _, name, value_range) in enumerate(checks):
         _raise_for_min_max(*rows[index], name, value_range)
 
 
@@ -110,13 +111,12 @@ def check_values(
 ) -> None:
     """Raise ``ValueError`` if ``tensor`` holds NaN/Inf or leaves ``value_range`` by more than the tolerance
     (at the end of the enclosing :func:`deferred_value_checks` block, if any)."""
-    stats = value_stats(tensor)
     pending = getattr(_deferred, "checks", None)
     if pending is None:
-        low, high = host_values(stats)
+        low, high = host_values(value_stats(tensor))
         _raise_for_min_max(low, high, name, value_range)
-    else:
-        pending.append((stats, name, value_range))
+    elif not any(queued is tensor and queued_range == value_range for queued, _, _, queued_range in pending):
+        pending.append((tensor, value_stats(tensor), name, value_range))
 
 
 def check_same_shape(reference: torch.Tensor, ref_name: str, other: torch.Tensor, other_name: str) -> None:
