@@ -37,11 +37,20 @@ CONFIG_KEYS = ("clip_model", "pretrained", "n_ctx", "tier_words", "logit_scale")
 def create_clip(clip_model: str, pretrained: str | None, cache_dir: str | None = None) -> nn.Module:
     """Build an open_clip model by name and tag, forcing QuickGELU where the weights need it.
 
+    ``"perceive-tiny-clip"`` (no tag) is the library's seeded random stand-in (``perceive_components.tiny``).
+
     Raises ``RuntimeError`` with a remedy when the weights cannot be fetched (offline, no network).
     """
     import open_clip
 
+    from .tiny import TINY_CLIP_NAME, tiny_clip
+
     pretrained = pretrained or None  # "" from a command line means no pretrained tag
+    if clip_model == TINY_CLIP_NAME:
+        if pretrained is not None:
+            raise ValueError(f"{TINY_CLIP_NAME!r} is a random stand-in with no pretrained weights; got "
+                             f"pretrained={pretrained!r}")
+        return tiny_clip()
     kwargs: dict[str, Any] = {"pretrained": pretrained, "cache_dir": cache_dir}
     if pretrained and not clip_model.startswith(("hf-hub:", "local-dir:")):
         tag_cfg = open_clip.get_pretrained_cfg(clip_model, pretrained)
