@@ -50,6 +50,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from perceive_components.guidance import Guidance  # noqa: E402
 from perceive_components.ops.io import IMAGE_SUFFIXES, list_images, read_image, write_image  # noqa: E402
 from perceive_components.ops.metrics import psnr, quantize_8bit, ssim  # noqa: E402
 from perceive_components.ops.tiling import tiled_apply  # noqa: E402
@@ -136,7 +137,9 @@ def discover_sets(root: str | Path, specs: Sequence[tuple[str, str]] | None = No
 
 
 def _repeat_batch(value: Any, count: int) -> Any:
-    """A batch-1 tensor (or a list of them) expanded to ``count`` rows."""
+    """A batch-1 tensor, ``Guidance`` (or a list of them) expanded to ``count`` rows."""
+    if isinstance(value, Guidance):
+        return value.expand(count)
     if isinstance(value, torch.Tensor):
         return value.expand(count, *value.shape[1:])
     return [_repeat_batch(item, count) for item in value]

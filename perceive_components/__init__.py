@@ -23,6 +23,10 @@ _EXPORTS = {
     "PGCA": "perceive_components.modules",
     "ETB": "perceive_components.modules",
     "PerceiveAdapter": "perceive_components.adapter",
+    "Guidance": "perceive_components.guidance",
+    "load_backbone_weights": "perceive_components.weights",
+    "backbone_state_dict": "perceive_components.weights",
+    "freeze_unused_parameters": "perceive_components.ops.frozen",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,12 +1,16 @@
 """PerceiveAdapter: Perceive-IR guidance (CFE + SGM + PGM [+ PGCA]) on any backbone, without editing it.
 
-Per forward (SPEC.md §3):
-
-    Z          = CFE(I)                           (B, 128)   degradation embedding (kept as last_embedding)
-    F_1 … F_n  = SGM(I)                           (B, 768)   frozen DINOv2 CLS priors, no grad
+    guidance   = adapter.guide(I, positive=I⁺)   Z = CFE(I), Z⁺ = CFE(I⁺)       (B, 128)   docs/method.md §2.3
+                                                 F_1 … F_n = SGM(I)            (B, 768)   frozen DINOv2, no grad
+    restored   = adapter(I, guidance=guidance)   (or adapter(I): guidance computed inside, without Z⁺)
     at level l (a backbone module, hooked with a forward pre-hook), its input X_l becomes
     X_l ← PGM_l(X_l, F_l, Z)                      = X_l ⊙ (1 + γ_l) + β_l
     X_l ← X_l' + PGCA(LN(X_l), LN(X_l'))          only with pgca=True (X_l' = the PGM output)
+
+The guidance is a value (``perceive_components.guidance.Guidance``): the loss takes Z and Z⁺ from it, tiled
+inference computes it once per whole image, and nothing is kept on the adapter between calls. During one
+forward the level hooks find it through a thread-local frame keyed by this adapter, so DataParallel replicas
+(one thread each), ``copy.deepcopy`` (EMA) and nested calls each see their own.
 
 Levels run coarse to fine: the first (bottleneck) gets the deepest DINOv2 block, the last (full
 resolution) block 1. The backbone stays a plain registered submodule (``adapter.backbone``): its
@@ -19,11 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .guidance import Guidance, check_guidance, compute_guidance
 from .level_discovery import (
     coarsest_scale, default_example, discover_levels, format_candidates, resolve_levels, trace_calls,
 )
@@ -38,6 +44,7 @@ from .ops.validation import check_images, check_positive_int, deferred_value_che
 logger = logging.getLogger(__name__)
 
 ADAPTER_FORMAT = "perceive-components/adapter"
+_frames = threading.local()  # .active: {adapter token: (adapter, guidance, visits)} for the forwards running now
 
 
 def _key(name: str) -> str:
@@ -136,12 +143,10 @@ class PerceiveAdapter(nn.Module):
             "sgm_blocks": list(self.sgm.blocks) if self.sgm is not None else None, "prior_dim": prior_dim,
             "pgca": bool(pgca), "pgm_form": pgm_form, "zero_init": bool(zero_init),
         }
-        self._active: dict[str, Any] | None = None
-        self.last_embedding: torch.Tensor | None = None
-        self.last_positive_embedding: torch.Tensor | None = None
+        self._token = _FrameToken()  # copied with the adapter (deepcopy, pickle), shared by DataParallel replicas
         modules = dict(backbone.named_modules())
         self._handles = [
-            modules[level.name].register_forward_pre_hook(_LevelHook(self, index), with_kwargs=True)
+            modules[level.name].register_forward_pre_hook(_LevelHook(self._token, index), with_kwargs=True)
             for index, level in enumerate(self.levels)
         ]
         logger.info("PerceiveAdapter on %s:\n%s", type(backbone).__name__, self.describe())
@@ -166,6 +171,8 @@ class PerceiveAdapter(nn.Module):
         return list(reversed(self.sgm.blocks))
 
     def describe(self) -> str:
+        """One line per guided level (coarse first): module, channels, scale and its DINOv2 block — for your
+        logger (``logger.info("levels:\n%s", adapter.describe())``)."""
         rows = []
         for level, block in zip(self.levels, self.level_blocks()):
             scale = f"1/{level.scale}" if level.scale else "tokens"
@@ -174,73 +181,57 @@ class PerceiveAdapter(nn.Module):
         return "\n".join(rows)
 
     # ------------------------------------------------------------------ forward
-    def embed(
-        self, images: torch.Tensor, positive: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Z of ``images`` and of the optional ``positive`` view, as one CFE batch when shapes agree."""
-        if "cfe" not in self.perceive:
-            return None, None
-        cfe = self.perceive["cfe"]
-        if positive is None:
-            return cfe(images), None
-        if positive.shape[0] != images.shape[0]:
-            raise ValueError(f"positive must have batch {images.shape[0]} like images, got {tuple(positive.shape)}")
-        if positive.shape == images.shape:
-            both = cfe(torch.cat([images, positive]))
-            return both[: images.shape[0]], both[images.shape[0]:]
-        return cfe(images), cfe(positive)
+    @property
+    def _cfe(self) -> CFE | None:
+        return self.perceive["cfe"] if "cfe" in self.perceive else None
 
-    def _given_embedding(self, embedding: torch.Tensor, batch: int) -> torch.Tensor:
-        width = self.config["embed_dim"]
-        if width == 0:
-            raise ValueError("embedding was given but this adapter has no CFE (cfe=None)")
-        if not isinstance(embedding, torch.Tensor) or tuple(embedding.shape) != (batch, width):
-            raise ValueError(f"embedding must have shape {(batch, width)}, got {getattr(embedding, 'shape', embedding)}")
-        return embedding
+    def guide(self, images: torch.Tensor, positive: torch.Tensor | None = None) -> Guidance:
+        """The guidance of ``images (B, 3, H, W)`` in [0, 1]: Z = CFE(images), the SGM priors and, with a
+        ``positive`` view (``(B, 3, h, w)``, e.g. from ``paired_crops``), Z⁺ for the contrastive loss.
 
-    def _priors(self, images: torch.Tensor, priors: Sequence[torch.Tensor] | None) -> list[torch.Tensor | None]:
-        if self.sgm is None:
-            if priors is not None:
-                raise ValueError("priors were given but this adapter has no SGM (sgm=None)")
-            return [None] * len(self.levels)
-        if priors is None:
-            priors = self.sgm(images)
-        elif len(priors) != len(self.sgm.blocks):
-            raise ValueError(f"priors must be a sequence of {len(self.sgm.blocks)} tensors (finest first), got {len(priors)}")
-        expected = (images.shape[0], self.sgm.embed_dim)
-        for index, prior in enumerate(priors):
-            if not isinstance(prior, torch.Tensor) or tuple(prior.shape) != expected:
-                raise ValueError(f"priors[{index}] must have shape {expected}, got {getattr(prior, 'shape', prior)}")
-        return list(reversed(priors))  # coarse-to-fine, like self.levels
+        Pass it to ``forward(images, guidance=…)`` and to ``QualityAwareLoss(…, guidance=…)``. Computed once
+        on a whole image, it also guides each of that image's tiles."""
+        with deferred_value_checks():
+            self._check_batch(images, "images")
+            if positive is not None:
+                self._check_batch(positive, "positive")
+            return compute_guidance(self._cfe, self.sgm, images, positive)
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        *args: Any,
-        positive: torch.Tensor | None = None,
-        priors: Sequence[torch.Tensor] | None = None,
-        embedding: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
+    def forward(self, images: torch.Tensor, *args: Any, guidance: Guidance | None = None, **kwargs: Any) -> Any:
         """Run the guided backbone on ``images (B, 3, H, W)`` in [0, 1]; returns the backbone's output.
 
-        ``positive``: an optional second view (``make_positive_view``); its Z goes to
-        ``last_positive_embedding``. ``priors`` (SGM outputs, finest first) and ``embedding`` (Z, ``(B, E)``)
-        may be precomputed, e.g. once on a whole image before tiled inference; they skip DINOv2 / CFE.
-        Extra ``args``/``kwargs`` go to the backbone.
+        ``guidance``: from ``guide()`` (on these images, or on the whole images these are tiles of); ``None``
+        computes it here (without Z⁺). Extra ``args``/``kwargs`` go to the backbone.
         """
-        if not self.validate_inputs:
-            if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-                raise ValueError(f"images must have shape (B, 3, H, W), got {getattr(images, 'shape', type(images))}")
-            return self._guided_forward(images, args, kwargs, positive, priors, embedding)
+        for moved in ("positive", "priors", "embedding"):
+            if moved in kwargs:
+                raise TypeError(f"{moved}= is not a forward argument: compute guidance = adapter.guide(images"
+                                f"{', positive=view' if moved == 'positive' else ''}) and pass guidance=guidance")
         with deferred_value_checks():  # shapes now; values once the work is queued (no GPU pipeline stall)
-            check_images(images, "images")
-            if positive is not None:
-                check_images(positive, "positive")
-            return self._guided_forward(images, args, kwargs, positive, priors, embedding)
+            self._check_batch(images, "images")
+            if guidance is None:
+                guidance = compute_guidance(self._cfe, self.sgm, images)
+            else:
+                check_guidance(guidance, images.shape[0], prior_count=len(self.levels) if self.sgm else 0,
+                               prior_dim=self.config["prior_dim"], embed_dim=self.config["embed_dim"])
+            return self._guided_forward(images, args, kwargs, guidance)
 
-    def _guided_forward(self, images: torch.Tensor, args: tuple, kwargs: dict, positive: torch.Tensor | None,
-                        priors: Sequence[torch.Tensor] | None, embedding: torch.Tensor | None) -> Any:
+    def _check_batch(self, images: object, name: str) -> None:
+        """Rank, channels and a dtype the weights can take always; values too unless ``validate_inputs=False``."""
+        if self.validate_inputs:
+            check_images(images, name)
+        elif not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"{name} must have shape (B, 3, H, W), got {getattr(images, 'shape', type(images))}")
+        weight = next(self.perceive.parameters())
+        if not images.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor in [0, 1], got {images.dtype} "
+                            "(convert uint8 images with .float() / 255)")
+        if images.dtype != weight.dtype and not torch.is_autocast_enabled(images.device.type):
+            raise TypeError(f"{name} are {images.dtype} but the adapter's weights are {weight.dtype}: convert the "
+                            f"images (.to({weight.dtype})), move the network (.to({images.dtype})) or run under "
+                            "torch.autocast")
+
+    def _guided_forward(self, images: torch.Tensor, args: tuple, kwargs: dict, guidance: Guidance) -> Any:
         height, width = images.shape[-2:]
         inputs = images
         if height % self.multiple or width % self.multiple:
@@ -250,40 +241,37 @@ class PerceiveAdapter(nn.Module):
                     f"factor), got {height}×{width}; pad them, or build the adapter with pad=True"
                 )
             inputs, _ = pad_to_multiple(images, self.multiple, mode="replicate")
-        if embedding is None:
-            z, z_positive = self.embed(images, positive)
-        else:
-            z, z_positive = self._given_embedding(embedding, images.shape[0]), None
-            if positive is not None:
-                raise ValueError("pass either embedding= (precomputed Z) or positive=, not both")
-        guidance = {"priors": self._priors(images, priors), "z": z, "visits": [0] * len(self.levels)}
-        self._active = guidance
+        priors = list(reversed(guidance.priors)) if guidance.priors is not None else [None] * len(self.levels)
+        visits = [0] * len(self.levels)
+        frames = _active_frames()
+        outer = frames.get(self._token)
+        frames[self._token] = (self, priors, guidance.embedding, visits)  # coarse-to-fine priors, like self.levels
         try:
             output = self.backbone(inputs, *args, **kwargs)
         finally:
-            self._active = None
-        missed = [level.name for level, visits in zip(self.levels, guidance["visits"]) if not visits]
+            if outer is None:
+                del frames[self._token]
+            else:
+                frames[self._token] = outer
+        missed = [level.name for level, count in zip(self.levels, visits) if not count]
         if missed and self._handles:
             raise RuntimeError(f"levels {missed} did not run in this forward: their PGM would get no gradient")
-        self.last_embedding, self.last_positive_embedding = z, z_positive
         if inputs is not images and isinstance(output, torch.Tensor) and output.shape[-2:] == inputs.shape[-2:]:
             output = output[..., :height, :width]
         return output
 
-    def _modulate(self, index: int, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        guidance = self._active
-        if guidance is None:  # the backbone was called on its own: leave it untouched
-            return None
+    def _modulate(self, index: int, priors: list, embedding: torch.Tensor | None, visits: list[int],
+                  args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         level = self.levels[index]
         key = _key(level.name)
         x = args[level.input_key] if isinstance(level.input_key, int) else kwargs[level.input_key]
         channel_dim = 1 if x.ndim == 4 else -1
         if x.ndim not in (3, 4) or x.shape[channel_dim] != level.channels:
             raise ValueError(f"level {level.name!r} expects {level.channels} input channels, got {tuple(x.shape)}")
-        y = self.perceive["pgm"][key](x, guidance["priors"][index], guidance["z"])
+        y = self.perceive["pgm"][key](x, priors[index], embedding)
         if "pgca" in self.perceive:
             y = self.perceive["pgca"][key](x, y)
-        guidance["visits"][index] += 1
+        visits[index] += 1
         if isinstance(level.input_key, int):
             return (y, *args[1:]), kwargs
         return args, {**kwargs, level.input_key: y}
@@ -335,15 +323,42 @@ class PerceiveAdapter(nn.Module):
         self.perceive.load_state_dict({name[len(prefix):]: t for name, t in tensors.items()}, strict=strict)
 
 
-class _LevelHook:
-    """Forward pre-hook of one level. An object, not a closure: ``copy.deepcopy`` (EMA copies) and
-    pickling then rebind it to the copied adapter instead of the original."""
+class _FrameToken:
+    """Identifies one adapter's frames; a deepcopy of the adapter gets its own token, a replica shares it."""
 
-    def __init__(self, adapter: PerceiveAdapter, index: int) -> None:
-        self.adapter, self.index = adapter, index
+
+def _active_frames() -> dict:
+    frames = getattr(_frames, "active", None)
+    if frames is None:
+        frames = _frames.active = {}
+    return frames
+
+
+def _in_backward() -> bool:
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
+class _LevelHook:
+    """Forward pre-hook of one level: modulates its input with the guidance of the adapter forward running
+    in this thread (a DataParallel replica finds its own adapter and weights there). Called with no such
+    forward — the backbone run on its own — it leaves the input untouched."""
+
+    def __init__(self, token: _FrameToken, index: int) -> None:
+        self.token, self.index = token, index
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
-        return self.adapter._modulate(self.index, args, kwargs)
+        frame = _active_frames().get(self.token)
+        if frame is None:
+            if _in_backward():
+                raise RuntimeError(
+                    "a PerceiveAdapter level ran while autograd recomputed an activation checkpoint that encloses "
+                    "the level module: the guidance of that forward is gone by then. Checkpoint the guided call "
+                    "instead — torch.utils.checkpoint.checkpoint(adapter, x, guidance=g, use_reentrant=False) — or "
+                    "checkpoint the blocks inside the level")
+            return None
+        adapter, priors, embedding, visits = frame
+        return adapter._modulate(self.index, priors, embedding, visits, args, kwargs)
 
 
 def _build_cfe(cfe: str | CFE | None, embed_dim: int) -> CFE | None:

@@ -203,9 +203,10 @@ def test_gradients_reach_backbone_cfe_pgm_and_sgm_stays_frozen(net_cls, levels, 
     adapter = make_adapter(net_cls(), dinov2, levels=levels, zero_init=False)
     x = images(size=32)
     positive = make_positive_view(images(size=48, seed=2), 32, generator=torch.Generator().manual_seed(0))
-    out = adapter(x, positive=positive)
+    guidance = adapter.guide(x, positive=positive)
+    out = adapter(x, guidance=guidance)
     assert out.shape == x.shape
-    z, z_pos = adapter.last_embedding, adapter.last_positive_embedding
+    z, z_pos = guidance.embedding, guidance.positive_embedding
     assert z.shape == z_pos.shape == (2, 128)
     (out.square().mean() + (z * z_pos).sum()).backward()
     for name, param in adapter.named_parameters():
@@ -218,7 +219,7 @@ def test_every_trainable_parameter_gets_a_gradient_ddp_friendly(pgca, dinov2):
     """With zero-init, grads may be zero but no parameter is left out of the graph (no unused params)."""
     adapter = make_adapter(ConcatUNet(), dinov2, pgca=pgca)
     x = images()
-    adapter(x, positive=x.flip(-1)).mean().backward()
+    adapter(x, guidance=adapter.guide(x, positive=x.flip(-1))).mean().backward()
     unused = [name for name, p in adapter.named_parameters() if p.grad is None]
     assert not unused
     assert any("pgca" in name for name, _ in adapter.named_parameters()) == pgca
@@ -241,9 +242,12 @@ def test_positive_view_runs_as_one_cfe_batch(dinov2):
     calls = []
     adapter.perceive["cfe"].register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
     x = images()
-    adapter(x, positive=x.flip(-1))
+    guidance = adapter.guide(x, positive=x.flip(-1))
     assert calls == [4]
-    assert torch.allclose(adapter.last_positive_embedding, adapter.perceive["cfe"](x.flip(-1)), atol=1e-6)
+    assert torch.allclose(guidance.positive_embedding, adapter.perceive["cfe"](x.flip(-1)), atol=1e-6)
+    assert torch.allclose(guidance.embedding, adapter.perceive["cfe"](x), atol=1e-6)
+    adapter(x, guidance=guidance)
+    assert calls == [4, 2, 2]  # the forward reuses Z; only the two direct calls above ran the CFE again
 
 
 def test_backbone_called_alone_runs_bare(dinov2):
@@ -276,14 +280,31 @@ def test_deepcopy_and_pickle_rebind_the_hooks(dinov2, tmp_path):
         assert torch.equal(restored(x), reference)
 
 
-def test_precomputed_priors_and_embedding_match(dinov2):
+def test_given_guidance_matches_and_is_checked(dinov2):
     adapter = make_adapter(ConcatUNet(), dinov2, zero_init=False)
     x = images()
     with torch.no_grad():
-        priors, z = adapter.sgm(x), adapter.perceive["cfe"](x)
-        assert torch.equal(adapter(x, priors=priors, embedding=z), adapter(x))
-        with pytest.raises(ValueError, match=r"embedding must have shape \(2, 128\)"):
-            adapter(x, embedding=z[:, :64])
+        guidance = adapter.guide(x)
+        assert guidance.positive_embedding is None and len(guidance.priors) == 3
+        torch.testing.assert_close(guidance.embedding, adapter.perceive["cfe"](x), rtol=0, atol=0)
+        for got, want in zip(guidance.priors, adapter.sgm(x)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert torch.equal(adapter(x, guidance=guidance), adapter(x))
+        with pytest.raises(ValueError, match=r"guidance.embedding must have shape \(2, 128\)"):
+            adapter(x, guidance=guidance._replace(embedding=guidance.embedding[:, :64]))
+        with pytest.raises(ValueError, match=r"guidance.priors\[0\] must have shape \(1, 32\)"):
+            adapter(x[:1], guidance=guidance)  # the guidance of another batch
+        with pytest.raises(TypeError, match="Guidance returned by .guide"):
+            adapter(x, guidance={"priors": guidance.priors})
+        one = adapter.guide(x[:1])
+        tiles = one.expand(3)  # one image's guidance for a batch of its tiles
+        assert tiles.embedding.shape == (3, 128) and all(prior.shape == (3, 32) for prior in tiles.priors)
+        assert torch.equal(tiles.priors[2][2], one.priors[2][0])
+        with pytest.raises(ValueError, match="repeats the guidance of one image, got a batch of 2"):
+            guidance.expand(3)
+        for old in ("positive", "priors", "embedding"):  # the 0.1 keywords say where they went
+            with pytest.raises(TypeError, match="adapter.guide"):
+                adapter(x, **{old: None})
 
 
 def test_candidates_table_names_the_levels():
@@ -296,10 +317,11 @@ def test_bf16_autocast_training_step(dinov2):
     adapter = make_adapter(AddSkipNet(), dinov2, pgca=True, zero_init=False)
     x = images()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = adapter(x, positive=x.flip(-2))
-        loss = (out.float() - x).abs().mean() + (adapter.last_embedding * adapter.last_positive_embedding).sum()
+        guidance = adapter.guide(x, positive=x.flip(-2))
+        out = adapter(x, guidance=guidance)
+        loss = (out.float() - x).abs().mean() + (guidance.embedding * guidance.positive_embedding).sum()
     loss.backward()
-    assert adapter.last_embedding.dtype == torch.float32
+    assert guidance.embedding.dtype == torch.float32
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in adapter.parameters())
 
@@ -313,9 +335,12 @@ def test_to_device_and_dtype_after_construction(device, dinov2):
     adapter.to(device=device, dtype=torch.float64)
     assert next(adapter.sgm.encoder.parameters()).dtype == torch.float64
     x = images().to(device, torch.float64)
-    out = adapter(x)
+    guidance = adapter.guide(x)
+    out = adapter(x, guidance=guidance)
     assert out.dtype == torch.float64 and out.device.type == device
-    assert adapter.last_embedding.dtype == torch.float64
+    assert guidance.embedding.dtype == torch.float64 and guidance.priors[0].dtype == torch.float64
+    with pytest.raises(TypeError, match="float32 but the adapter's weights are torch.float64"):
+        adapter(x.float())
 
 
 def test_torch_compile_smoke(dinov2):
@@ -333,7 +358,8 @@ def test_torch_compile_smoke(dinov2):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     out.mean().backward()
     assert all(p.grad is not None for p in adapter.perceive.parameters())
-    assert compiled.last_embedding is not None
+    guidance = adapter.guide(x, positive=x.flip(-1))  # explicit guidance through the compiled module
+    torch.testing.assert_close(compiled(x, guidance=guidance), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_save_and_load_adapter_weights(tmp_path, dinov2):
@@ -352,6 +378,122 @@ def test_save_and_load_adapter_weights(tmp_path, dinov2):
     other = make_adapter(copy.deepcopy(backbone), dinov2, levels=["mid"], pgca=True)
     with pytest.raises(ValueError, match="levels"):
         other.load_adapter(path)
+
+
+# ---------------------------------------------------------------------------------------------- explicit guidance
+def _reference_forward(adapter: PerceiveAdapter, backbone: nn.Module, x: torch.Tensor, positive: torch.Tensor):
+    """The method written out by hand on a copy of the backbone: Z, Z⁺ = CFE, F = SGM, and each level input
+    X_l replaced by PGM_l(X_l, F_l, Z) through hooks of our own (coarse level ← deepest block)."""
+    cfe, pgms = adapter.perceive["cfe"], adapter.perceive["pgm"]
+    z, z_positive = cfe(x), cfe(positive)
+    priors = adapter.sgm(x)[::-1]
+    modules = dict(backbone.named_modules())
+    handles = [modules[level.name].register_forward_pre_hook(
+        lambda module, args, level=level, prior=prior: (pgms[level.name.replace(".", "_")](args[0], prior, z),))
+        for level, prior in zip(adapter.levels, priors)]
+    try:
+        return backbone(x), z, z_positive
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("net_cls, levels", BACKBONES[:2])
+def test_explicit_guidance_equals_the_method_written_out(net_cls, levels, dinov2):
+    torch.manual_seed(0)
+    adapter = make_adapter(net_cls(), dinov2, levels=levels, zero_init=False)
+    twin = copy.deepcopy(adapter)
+    x, positive = images(), images(seed=3)
+    guidance = adapter.guide(x, positive=positive)
+    out = adapter(x, guidance=guidance)
+    (out.square().mean() + (guidance.embedding * guidance.positive_embedding).sum()).backward()
+    ref, z, z_positive = _reference_forward(twin, twin.backbone, x, positive)
+    (ref.square().mean() + (z * z_positive).sum()).backward()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(guidance.embedding, z, rtol=1e-6, atol=1e-6)
+    for (name, p), (_, q) in zip(adapter.named_parameters(), twin.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-6, msg=name)
+    assert not [name for name in dir(adapter) if name.startswith("last_")]
+
+
+def test_shared_hooks_use_the_calling_copy_and_threads_do_not_mix(dinov2):
+    """DataParallel replicas share the backbone's hook objects; each must modulate with its own weights.
+    ``_replicate_for_data_parallel`` (what DataParallel's ``replicate`` calls on every module) with other PGM
+    weights stands in for a replica on another device: same backbone and hook objects, other adapter."""
+    import threading
+
+    adapter = make_adapter(ConcatUNet(), dinov2, zero_init=False)
+    replica = adapter._replicate_for_data_parallel()
+    replica.perceive = copy.deepcopy(adapter.perceive)
+    with torch.no_grad():
+        for parameter in replica.perceive["pgm"].parameters():
+            parameter.mul_(3)
+    x = images()
+    with torch.no_grad():
+        own, other = adapter(x), replica(x)
+        assert not torch.allclose(own, other)
+        outputs = {}
+        threads = [threading.Thread(target=lambda n=n, m=m: outputs.__setitem__(n, [m(x) for _ in range(5)]))
+                   for n, m in (("own", adapter), ("other", replica))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert all(torch.equal(o, own) for o in outputs["own"]) and all(torch.equal(o, other) for o in outputs["other"])
+
+
+class Checkpointed(nn.Module):
+    """Calls ``inner`` (a hooked level module: its pre-hook then runs inside the checkpoint)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.inner, x, use_reentrant=False)
+
+
+def test_activation_checkpointing_of_the_guided_call_and_inside_levels(dinov2):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    adapter = make_adapter(AddSkipNet(), dinov2, zero_init=False)
+    x = images()
+    guidance = adapter.guide(x, positive=x.flip(-1))
+    plain = adapter(x, guidance=guidance)
+    plain.square().mean().backward()
+    expected = [p.grad.clone() for p in adapter.parameters()]
+    adapter.zero_grad()
+    guidance = adapter.guide(x, positive=x.flip(-1))
+    out = checkpoint(adapter, x, guidance=guidance, use_reentrant=False)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    for got, want in zip((p.grad for p in adapter.parameters()), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+    # blocks checkpointed inside a level: the level hook runs outside the checkpoint, nothing changes
+    adapter.zero_grad()
+    decoder = adapter.backbone.decoders[0]
+    original_forward = decoder.forward
+    decoder.forward = lambda y: checkpoint(original_forward, y, use_reentrant=False)
+    try:
+        out = adapter(x, guidance=adapter.guide(x, positive=x.flip(-1)))
+        out.square().mean().backward()
+    finally:
+        del decoder.forward
+    for got, want in zip((p.grad for p in adapter.parameters()), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_checkpoint_enclosing_a_level_module_is_refused_not_silently_bare(dinov2):
+    adapter = make_adapter(AddSkipNet(), dinov2, zero_init=False)
+    decoders = adapter.backbone.decoders
+    decoders[0] = Checkpointed(decoders[0])  # the backbone now checkpoints the hooked module's whole call
+    out = adapter(images())
+    with pytest.raises(RuntimeError, match="recomputed an activation checkpoint"):
+        out.square().mean().backward()
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
@@ -379,10 +521,11 @@ def test_unknown_level_lists_candidates(dinov2):
 def test_wrong_prior_width_raises(dinov2):
     adapter = make_adapter(ConcatUNet(), dinov2)
     x = images()
+    guidance = adapter.guide(x)
     with pytest.raises(ValueError, match=r"priors\[0\] must have shape \(2, 32\)"):
-        adapter(x, priors=[torch.zeros(2, 16)] * 3)
-    with pytest.raises(ValueError, match="sequence of 3"):
-        adapter(x, priors=[torch.zeros(2, 32)])
+        adapter(x, guidance=guidance._replace(priors=(torch.zeros(2, 16),) * 3))
+    with pytest.raises(ValueError, match="must hold 3 tensors"):
+        adapter(x, guidance=guidance._replace(priors=(torch.zeros(2, 32),)))
 
 
 def test_non_finite_input_raises(dinov2):
@@ -428,7 +571,10 @@ def test_cfe_only_and_sgm_only_ablations(dinov2):
     cfe_only = make_adapter(ConcatUNet(), dinov2, sgm=None, zero_init=False)
     assert cfe_only.sgm is None and cfe_only(x).shape == x.shape
     sgm_only = make_adapter(ConcatUNet(), dinov2, cfe=None, zero_init=False)
-    assert sgm_only(x).shape == x.shape and sgm_only.last_embedding is None
+    assert sgm_only(x).shape == x.shape and sgm_only.guide(x).embedding is None
+    assert cfe_only.guide(x).priors is None
+    with pytest.raises(ValueError, match="needs a CFE"):
+        sgm_only.guide(x, positive=x)
     with pytest.raises(ValueError, match="both None"):
         PerceiveAdapter(ConcatUNet(), cfe=None, sgm=None)
 

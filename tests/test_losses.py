@@ -454,6 +454,19 @@ def test_quality_aware_loss_is_the_weighted_sum(tiny_perceiver):
     torch.testing.assert_close(total, expected)
     total.backward()
     assert restored.grad is not None and restored.grad.abs().sum() > 0
+    # the network's Guidance carries Z and Z⁺: the same total as passing them by hand
+    from perceive_components.guidance import Guidance
+
+    guided, _ = criterion(restored, gt, degraded, negatives, mask, guidance=Guidance(None, anchor, positive),
+                          labels=labels)
+    torch.testing.assert_close(guided, total)
+    no_positive = Guidance(None, anchor)
+    unlabelled, unlabelled_terms = criterion(restored, gt, degraded, negatives, mask, guidance=no_positive)
+    assert "contrastive" not in unlabelled_terms  # inference-style guidance, no labels: no L_cl
+    with pytest.raises(ValueError, match="has no positive embedding"):
+        criterion(restored, gt, degraded, negatives, mask, guidance=no_positive, labels=labels)
+    with pytest.raises(ValueError, match="either as guidance= or as anchor="):
+        criterion(restored, gt, degraded, guidance=no_positive, anchor=anchor, labels=labels)
     # L1 left to the caller; terms whose weight is 0 need no network at all
     total, terms = QualityAwareLoss(None, features, l1_weight=0, clip_weight=0)(restored, gt, degraded)
     assert set(terms) == {"perceptual", "total"}

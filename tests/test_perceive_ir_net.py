@@ -8,6 +8,7 @@ import hashlib
 import pytest
 import torch
 
+from perceive_components.guidance import Guidance
 from examples.backbones import (
     CheckpointError, create_backbone, get_backbone_entry, list_backbones, load_checkpoint, save_official_checkpoint,
 )
@@ -58,17 +59,20 @@ def test_tiny_forward_shapes_and_embeddings(tiny):
     for height, width in [(32, 32), (48, 64)]:
         images = torch.rand(2, 3, height, width)
         with torch.no_grad():
-            restored = tiny(images)
+            guidance = tiny.guide(images)
+            restored = tiny(images, guidance=guidance)
             assert restored.shape == images.shape
-            torch.testing.assert_close(tiny.last_embedding, tiny.cfe(images))
-        assert tiny.last_embedding.shape == (2, 128) and tiny.last_positive_embedding is None
-        torch.testing.assert_close(tiny.last_embedding.norm(dim=1), torch.ones(2))
+            torch.testing.assert_close(guidance.embedding, tiny.cfe(images))
+            torch.testing.assert_close(restored, tiny(images))
+        assert guidance.embedding.shape == (2, 128) and guidance.positive_embedding is None
+        torch.testing.assert_close(guidance.embedding.norm(dim=1), torch.ones(2))
     images = torch.rand(2, 3, 32, 32)
     for positive in (torch.rand(2, 3, 32, 32), torch.rand(2, 3, 24, 40)):  # one CFE batch, or two
         with torch.no_grad():
-            tiny(images, positive)
-            torch.testing.assert_close(tiny.last_positive_embedding, tiny.cfe(positive))
-            torch.testing.assert_close(tiny.last_embedding, tiny.cfe(images))
+            guidance = tiny.guide(images, positive)
+            torch.testing.assert_close(guidance.positive_embedding, tiny.cfe(positive))
+            torch.testing.assert_close(guidance.embedding, tiny.cfe(images))
+    assert not [name for name in dir(tiny) if name.startswith("last_")]
 
 
 def test_every_trainable_parameter_gets_a_gradient_and_dinov2_none():
@@ -97,8 +101,8 @@ def test_each_level_is_guided_by_one_pgm_output_shared_by_its_etbs():
                 lambda module, args, level=level: seen[level].append(("etb", args[1]))))
     priors = [torch.randn(2, 32) for _ in range(4)]  # distinct (a random tiny DINOv2's blocks barely differ)
     with torch.no_grad():
-        model(images, priors=priors)
         z = model.cfe(images)
+        model(images, guidance=Guidance(tuple(priors), z))
     for handle in handles:
         handle.remove()
     for index, level in zip((3, 2, 1, 0), model.decoder_levels()):  # latent ← F_4 (deepest) … decoder1 ← F_1
@@ -109,17 +113,17 @@ def test_each_level_is_guided_by_one_pgm_output_shared_by_its_etbs():
         torch.testing.assert_close(etb_calls[0][1], expected)
 
 
-def test_precomputed_priors_and_embedding_give_the_same_output(tiny):
+def test_given_guidance_gives_the_same_output(tiny):
     images = torch.rand(1, 3, 32, 48)
     with torch.no_grad():
         reference = tiny(images)
-        again = tiny(images, priors=tiny.semantic_priors(images), embedding=tiny.cfe(images))
+        again = tiny(images, guidance=Guidance(tuple(tiny.sgm(images)), tiny.cfe(images)))
     torch.testing.assert_close(again, reference)
     without_sgm = create_backbone("perceive-ir-net-tiny", dinov2=None)
     without_sgm.load_state_dict(tiny.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(without_sgm(images, priors=tiny.semantic_priors(images)), reference)
-    with pytest.raises(ValueError, match="dinov2=None: pass priors="):
+        torch.testing.assert_close(without_sgm(images, guidance=tiny.guide(images)), reference)
+    with pytest.raises(ValueError, match="dinov2=None: build the Guidance yourself"):
         without_sgm(images)
 
 
@@ -149,12 +153,12 @@ def test_checkpoint_round_trip_in_the_authors_layout(tiny, tmp_path):
     images = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         reference = tiny(images)
-        priors = tiny.semantic_priors(images)  # the tiny DINOv2 is random: share it (a real one is pretrained)
+        guidance = tiny.guide(images)  # the tiny DINOv2 is random: share its priors (a real one is pretrained)
     torch.manual_seed(1)
     fresh = load_checkpoint(create_backbone("perceive-ir-net-tiny").eval(), path)
     with torch.no_grad():
-        assert not torch.equal(fresh.semantic_priors(images)[0], priors[0])
-        assert torch.equal(fresh(images, priors=priors), reference)
+        assert not torch.equal(fresh.guide(images).priors[0], guidance.priors[0])
+        assert torch.equal(fresh(images, guidance=guidance), reference)
 
     # The authors' training checkpoint adds optimiser, scheduler and training state: still weights_only-safe.
     optimizer = torch.optim.AdamW(fresh.parameters(), lr=2e-4)
@@ -166,7 +170,7 @@ def test_checkpoint_round_trip_in_the_authors_layout(tiny, tmp_path):
                 "training_state": {"probe_hash": "ab12", "epoch_reference_psnr": 30.5}}, tmp_path / "training.pth")
     load_checkpoint(fresh, tmp_path / "training.pth")
     with torch.no_grad():
-        assert torch.equal(fresh(images, priors=priors), reference)
+        assert torch.equal(fresh(images, guidance=guidance), reference)
 
     # Our own key names (e.g. weights exported by the training loop) load as well.
     from safetensors.torch import save_file
@@ -175,7 +179,7 @@ def test_checkpoint_round_trip_in_the_authors_layout(tiny, tmp_path):
     torch.manual_seed(2)
     other = load_checkpoint(create_backbone("perceive-ir-net-tiny").eval(), tmp_path / "own.safetensors")
     with torch.no_grad():
-        assert torch.equal(other(images, priors=priors), reference)
+        assert torch.equal(other(images, guidance=guidance), reference)
 
 
 def test_checkpoints_of_other_backbones_or_sizes_are_refused_clearly(tiny, tmp_path):
@@ -193,10 +197,11 @@ def test_bf16_autocast_training_step(tiny):
     model = copy.deepcopy(tiny).train()  # same weights and the same (random) DINOv2
     images = torch.rand(2, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        restored = model(images, torch.rand(2, 3, 32, 32))
-        loss = (restored - images).abs().mean() + (model.last_embedding * model.last_positive_embedding).sum()
+        guidance = model.guide(images, torch.rand(2, 3, 32, 32))
+        restored = model(images, guidance=guidance)
+        loss = (restored - images).abs().mean() + (guidance.embedding * guidance.positive_embedding).sum()
     assert restored.shape == images.shape and torch.isfinite(restored).all()
-    assert model.last_embedding.dtype == torch.float32
+    assert guidance.embedding.dtype == torch.float32
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     with torch.no_grad():
@@ -212,15 +217,16 @@ def test_bad_inputs_and_configs_raise_clear_errors(tiny):
     with pytest.raises(TypeError, match="floating-point.*torch.uint8"):
         tiny(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match="positive must have the batch size of degraded"):
-        tiny(images, torch.rand(3, 3, 32, 32))
-    with pytest.raises(ValueError, match="priors must be 4 tensors"):
-        tiny(images, priors=[torch.rand(2, 32)] * 3)
-    with pytest.raises(ValueError, match=r"priors\[2\] must have shape \(2, 32\), got \(2, 768\)"):
-        tiny(images, priors=[torch.rand(2, 32)] * 2 + [torch.rand(2, 768)] * 2)
-    with pytest.raises(ValueError, match="either embedding="):
-        tiny(images, images, embedding=torch.rand(2, 128))
-    with pytest.raises(ValueError, match=r"embedding must have shape \(2, 128\)"):
-        tiny(images, embedding=torch.rand(2, 64))
+        tiny.guide(images, torch.rand(3, 3, 32, 32))
+    z = torch.rand(2, 128)
+    with pytest.raises(ValueError, match="priors must hold 4 tensors"):
+        tiny(images, guidance=Guidance((torch.rand(2, 32),) * 3, z))
+    with pytest.raises(ValueError, match=r"priors\[2\] must have shape \(2, 32\) .*got \(2, 768\)"):
+        tiny(images, guidance=Guidance((torch.rand(2, 32),) * 2 + (torch.rand(2, 768),) * 2, z))
+    with pytest.raises(ValueError, match=r"guidance.embedding must have shape \(2, 128\)"):
+        tiny(images, guidance=Guidance((torch.rand(2, 32),) * 4, torch.rand(2, 64)))
+    with pytest.raises(TypeError, match="guidance must be the Guidance"):
+        tiny(images, images)
     with pytest.raises(ValueError, match="pass semantic_dim=32"):
         create_backbone("perceive-ir-net-tiny", semantic_dim=768)
     with pytest.raises(ValueError, match="4 priors"):

@@ -320,9 +320,13 @@ def test_a_non_finite_output_becomes_a_skipped_step_not_a_crash():
         def __init__(self):
             super().__init__()
             self.scale = torch.nn.Parameter(torch.ones(()))
-            self.last_embedding = self.last_positive_embedding = None
 
-        def forward(self, images, positive=None):
+        def guide(self, images, positive=None):
+            from perceive_components.guidance import Guidance
+
+            return Guidance(None, torch.zeros(len(images), 4), torch.zeros(len(images), 4))
+
+        def forward(self, images, guidance=None):
             return images * self.scale * float("nan")
 
     step = recipe.PerceiveStep(recipe.QualityAwareLoss(None, recipe.tiny_vgg16_layout(), vgg_pretrained=False,

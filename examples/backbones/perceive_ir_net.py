@@ -6,7 +6,8 @@ the blocks the library's names are used and ``upstream_key_map()`` renames them,
 checkpoints load with ``strict=True`` (``examples/backbones/checkpoints.py``). Layout (C = ``dim`` = 48,
 ``@1/s`` = resolution divided by s; I = the degraded image)::
 
-    Z          = CFE(I)                                     cfe            (B, 128), ‖Z‖ = 1
+    guidance = net.guide(I, positive=I⁺)                    the library's Guidance value (as PerceiveAdapter):
+    Z          = CFE(I)                                     cfe            (B, 128), ‖Z‖ = 1   (Z⁺ = CFE(I⁺))
     F_1 … F_4  = SGM(I)   DINOv2 CLS tokens of blocks 1/4/8/12 (frozen, no grad)      (B, 768) each
     e1 = Enc1(Conv3x3(I))                                   embed, encoder1          C  @1
     e2 = Enc2(Down(e1));  e3 = Enc3(Down(e2))               down1, encoder2 …       2C @1/2, 4C @1/4
@@ -34,6 +35,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from perceive_components.guidance import Guidance, check_guidance, compute_guidance
 from perceive_components.modules import CFE, ETB, GDFN, MDTA, PGCA, PGM, SGM, LayerNorm2d, RestormerBlock
 from perceive_components.modules.sgm import DEFAULT_DINOV2
 
@@ -111,13 +113,13 @@ class PerceiveIRNet(RestorationBackbone):
         dim, blocks, heads, refinement_blocks: as the authors' ``PerceiveIR`` (48, (4,6,6,8), (1,2,4,8), 4).
         ffn_expansion_factor: GDFN expansion (2.66). embed_dim: width of Z (128).
         semantic_dim: width of the DINOv2 priors (768 for ViT-B/14); must equal the SGM's.
-        dinov2: a timm DINOv2 name, a built ``SGM`` (4 blocks), or None (then pass ``priors=`` to forward).
+        dinov2: a timm DINOv2 name, a built ``SGM`` (4 blocks), or None (then pass a ``guidance`` with priors).
         dinov2_pretrained, dinov2_blocks, dinov2_image_size, dinov2_kwargs: how the SGM is built from a name
             (``SGM(name, pretrained, blocks, image_size, model_kwargs=…)``).
         etb_form, pgm_form: ``"code"`` (authors' code, default) or ``"figure"`` (the paper's figure), SPEC §3.2-3.3.
 
-    After each forward, ``last_embedding`` holds Z of ``degraded`` and ``last_positive_embedding`` Z of the
-    ``positive`` view (or None), for the contrastive loss — as ``PerceiveAdapter`` does.
+    ``guide(degraded, positive=view)`` returns the ``Guidance`` (Z, Z⁺, priors) that ``forward(degraded,
+    guidance=…)`` and the contrastive loss take — the same value and code path as ``PerceiveAdapter``.
     """
 
     family = "Perceive-IR net"
@@ -179,8 +181,6 @@ class PerceiveIRNet(RestorationBackbone):
         self.output = nn.Conv2d(dim, 3, 3, padding=1)
 
         self.sgm = sgm  # no parameters, no state: the DINOv2 is held frozen inside it
-        self.last_embedding: torch.Tensor | None = None
-        self.last_positive_embedding: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -212,54 +212,29 @@ class PerceiveIRNet(RestorationBackbone):
                 for key in ("dim", "blocks", "heads", "refinement_blocks")}
 
     # ------------------------------------------------------------------ guidance
-    def degradation_embedding(
-        self, images: torch.Tensor, positive: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Z of ``images`` and of the optional ``positive`` view (one CFE batch when the shapes agree)."""
-        if positive is None:
-            return self.cfe(images), None
-        if positive.shape == images.shape:
-            both = self.cfe(torch.cat([images, positive]))
-            return both[: images.shape[0]], both[images.shape[0]:]
-        return self.cfe(images), self.cfe(positive)
-
-    def semantic_priors(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """``[F_1 … F_4]`` (finest level first), each ``(B, semantic_dim)``, from the frozen DINOv2."""
+    def guide(self, degraded: torch.Tensor, positive: torch.Tensor | None = None) -> Guidance:
+        """Z (and Z⁺ of the optional ``positive`` view, one CFE batch when the shapes agree) and the SGM priors
+        ``[F_1 … F_4]`` (finest level first) of ``degraded (B, 3, H, W)``; needs the SGM (``dinov2`` not None)."""
+        self._check_inputs(degraded, positive)
         if self.sgm is None:
-            raise ValueError("this network was built with dinov2=None: pass priors=[F_1, F_2, F_3, F_4] to forward")
-        return self.sgm(images)
+            raise ValueError("this network was built with dinov2=None: build the Guidance yourself with priors "
+                             "[F_1, F_2, F_3, F_4] and Z (perceive_components.guidance.Guidance)")
+        return compute_guidance(self.cfe, self.sgm, degraded, positive)
 
     # ------------------------------------------------------------------ forward
-    def forward(
-        self,
-        degraded: torch.Tensor,
-        positive: torch.Tensor | None = None,
-        *,
-        priors: Sequence[torch.Tensor] | None = None,
-        embedding: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, degraded: torch.Tensor, guidance: Guidance | None = None) -> torch.Tensor:
         """Restore ``degraded (B, 3, H, W)``; returns ``(B, 3, H, W)`` in the dtype of ``degraded`` (or wider).
 
-        ``positive``: an optional second view of each degraded image (``make_positive_view``) whose Z goes
-        to ``last_positive_embedding``. ``priors`` (4 tensors ``(B, semantic_dim)``, finest first) and
-        ``embedding`` (Z, ``(B, embed_dim)``) may be precomputed, e.g. once on a whole image before tiled
-        inference; they skip DINOv2 / CFE.
+        ``guidance``: from ``guide()`` — on these images, or once on the whole images these are tiles of;
+        ``None`` computes it here.
         """
-        self._check_inputs(degraded, positive)
-        batch = degraded.shape[0]
-        if embedding is None:
-            z, z_positive = self.degradation_embedding(degraded, positive)
+        if guidance is None:
+            guidance = self.guide(degraded)
         else:
-            if positive is not None:
-                raise ValueError("pass either embedding= (a precomputed Z) or positive=, not both")
-            _check_vector(embedding, "embedding", (batch, self.config["embed_dim"]))
-            z, z_positive = embedding, None
-        if priors is None:
-            priors = self.semantic_priors(degraded)
-        elif len(priors) != 4:
-            raise ValueError(f"priors must be 4 tensors (finest level first), got {len(priors)}")
-        for index, prior in enumerate(priors):
-            _check_vector(prior, f"priors[{index}]", (batch, self.config["semantic_dim"]))
+            self._check_inputs(degraded, None)
+            check_guidance(guidance, degraded.shape[0], prior_count=4, prior_dim=self.config["semantic_dim"],
+                           embed_dim=self.config["embed_dim"])
+        priors, z = guidance.priors, guidance.embedding
 
         enc1 = self.encoder1(self.embed(degraded))
         enc2 = self.encoder2(self.down1(enc1))
@@ -271,9 +246,7 @@ class PerceiveIRNet(RestorationBackbone):
         for up, reduce, stage, skip, level in decoder:
             x = reduce(torch.cat([up(x), skip], dim=1))
             x = stage(x, self.pgm[level](x, priors[level], z))  # Y = PGM(X_l, F_l, Z), shared by the stage's ETBs
-        restored = self.output(self.refinement(x)) + degraded
-        self.last_embedding, self.last_positive_embedding = z, z_positive
-        return restored
+        return self.output(self.refinement(x)) + degraded
 
     def _check_inputs(self, degraded: torch.Tensor, positive: torch.Tensor | None) -> None:
         _check_image_batch(degraded, "degraded")
@@ -292,12 +265,6 @@ def _check_image_batch(tensor: object, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor (B, 3, H, W) in [0, 1], got {got}")
     if tensor.ndim != 4 or tensor.shape[1] != 3:
         raise ValueError(f"{name} must have shape (B, 3, H, W), got {tuple(tensor.shape)}")
-
-
-def _check_vector(tensor: object, name: str, shape: tuple[int, int]) -> None:
-    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != shape:
-        got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise ValueError(f"{name} must have shape {shape}, got {got}")
 
 
 def _build_sgm(

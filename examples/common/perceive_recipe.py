@@ -2,8 +2,9 @@
 
 One training step (SPEC.md §2.4, §3), inside bf16 autocast, on the shared loop (``examples/common``)::
 
-    R  = net(I_d, positive=I_d⁺)        guided backbone; CFE runs [I_d; I_d⁺] as one batch → Z, Z⁺
-    (L, terms) = QualityAwareLoss(R, G, I_d, P, m, anchor=Z, positive=Z⁺, labels=task)
+    g  = net.guide(I_d, positive=I_d⁺)  Guidance: CFE runs [I_d; I_d⁺] as one batch → Z, Z⁺; SGM → priors
+    R  = net(I_d, guidance=g)           guided backbone
+    (L, terms) = QualityAwareLoss(R, G, I_d, P, m, guidance=g, labels=task)
     L  = L1(R, G) + 0.1·L_cl(Z, Z⁺) + 0.05·L_clip(R) + 0.1·L_dpl(R; G, I_d, P_j)
 
 ``net`` is the backbone wrapped in ``PerceiveAdapter`` (CFE + SGM on a frozen DINOv2-B + one PGM per decoder
@@ -113,10 +114,8 @@ def freeze_unused(net: nn.Module) -> list[str]:
 
 
 def whole_image_guidance(net: nn.Module, images: torch.Tensor) -> dict[str, Any]:
-    """``priors`` (SGM) and ``embedding`` (Z) of whole images, to pass with each tile of them to ``net``."""
-    if isinstance(net, PerceiveAdapter):
-        return {"priors": net.sgm(images), "embedding": net.embed(images)[0]}
-    return {"priors": net.semantic_priors(images), "embedding": net.degradation_embedding(images)[0]}
+    """``{"guidance": net.guide(images)}`` of whole images, to pass with each tile of them to ``net``."""
+    return {"guidance": net.guide(images)}
 
 
 def read_net_spec(run_dir: str | Path) -> dict[str, Any]:
@@ -250,13 +249,14 @@ class PerceiveStep:
     def __call__(self, net: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raw = net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net
         model_psnr = self._reference(raw) if self.probe is not None else None
-        restored = net(batch["degraded"], positive=batch["positive"])
+        guidance = raw.guide(batch["degraded"], positive=batch["positive"])
+        restored = net(batch["degraded"], guidance=guidance)
         if not bool(torch.isfinite(restored).all()):  # let the trainer skip the step (the loss would raise)
             nan = restored.float().sum() * float("nan")
             return nan, {name: nan.detach() for name in self.terms}
         total, terms = self.criterion(
             restored, batch["target"], batch["degraded"], batch.get("negatives"), batch.get("negative_mask"),
-            anchor=raw.last_embedding, positive=raw.last_positive_embedding, labels=batch["task"],
+            guidance=guidance, labels=batch["task"],
             model_psnr=model_psnr)
         if model_psnr is not None:
             terms["probe_psnr"] = torch.tensor(model_psnr)

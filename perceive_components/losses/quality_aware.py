@@ -3,8 +3,9 @@
     L = λ0·L1(R, G) + λ1·L_cl + λ2·L_clip + λ3·L_dpl        λ0 = 1, λ1 = 0.1, λ2 = 0.05, λ3 = 0.1
 
 L1 is inside (``l1_weight=1.0``) so that the common case is one line; ``l1_weight=0`` leaves the
-reconstruction loss to the caller. L_cl is added when CFE outputs are given (``anchor``, ``positive``,
-``labels``); a term whose weight is 0 is neither built nor computed (no CLIP or VGG needed for it).
+reconstruction loss to the caller. L_cl is added when the CFE outputs are given — the network's
+``guidance`` (Z and Z⁺ from ``net.guide(degraded, positive=view)``) or ``anchor``/``positive`` — with the
+task ``labels``; a term whose weight is 0 is neither built nor computed (no CLIP or VGG needed for it).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..guidance import Guidance
 from ..ops.validation import check_same_shape, deferred_value_checks
 from .clip_aware import CLIPAwareLoss
 from .common import at_least_float32, check_loss_weight, check_reduction, reduce
@@ -27,11 +29,13 @@ LAMBDA_PERCEPTUAL = 0.1
 
 
 class QualityAwareLoss(nn.Module):
-    """``forward(restored, gt, degraded, negatives=None, mask=None, *, anchor=None, positive=None,
-    labels=None, model_psnr=None) -> (total, terms)``.
+    """``forward(restored, gt, degraded, negatives=None, mask=None, *, guidance=None, labels=None,
+    anchor=None, positive=None, model_psnr=None) -> (total, terms)``.
 
     Shapes: images ``(B, 3, H, W)`` in [0, 1]; ``negatives (B, K, 3, H, W)``; ``mask (B, K)`` bool;
-    ``anchor, positive (B, D)`` CFE embeddings; ``labels (B,)`` integer task ids. ``terms`` maps
+    ``guidance``: the ``Guidance`` of the batch (its ``embedding`` Z and ``positive_embedding`` Z⁺ are the
+    anchors and positives of L_cl); or ``anchor, positive (B, D)`` CFE embeddings given directly;
+    ``labels (B,)`` integer task ids. ``terms`` maps
     ``"l1"``, ``"contrastive"``, ``"clip"``, ``"perceptual"`` (each term *before* its λ, detached; only the
     terms computed) and ``"total"`` (detached) for logging. ``total`` keeps the graph.
 
@@ -92,11 +96,22 @@ class QualityAwareLoss(nn.Module):
         negatives: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         *,
+        guidance: Guidance | None = None,
+        labels: torch.Tensor | None = None,
         anchor: torch.Tensor | None = None,
         positive: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
         model_psnr: float | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if guidance is not None:
+            if anchor is not None or positive is not None:
+                raise ValueError("pass the CFE embeddings either as guidance= or as anchor=/positive=, not both")
+            if not isinstance(guidance, Guidance):
+                raise TypeError(f"guidance must be the Guidance returned by net.guide(), got {type(guidance).__name__}")
+            if labels is not None and guidance.positive_embedding is None:
+                raise ValueError("labels were given for the contrastive term but the guidance has no positive "
+                                 "embedding: compute it with net.guide(degraded, positive=view)")
+            if labels is not None:
+                anchor, positive = guidance.embedding, guidance.positive_embedding
         cfe_inputs = (anchor, positive, labels)
         if any(x is not None for x in cfe_inputs) and any(x is None for x in cfe_inputs):
             missing = [n for n, x in zip(("anchor", "positive", "labels"), cfe_inputs) if x is None]

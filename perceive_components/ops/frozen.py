@@ -70,3 +70,52 @@ def module_device(module: nn.Module) -> torch.device:
     for tensor in module.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+def _output_sum(output: object) -> torch.Tensor | None:
+    """Sum of every floating tensor in a (nested) output, or None if it holds none."""
+    if isinstance(output, torch.Tensor):
+        return output.float().sum() if output.is_floating_point() else None
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else ()
+    parts = [part for part in map(_output_sum, values) if part is not None]
+    return torch.stack(parts).sum() if parts else None
+
+
+def unused_parameters(module: nn.Module, example_input: torch.Tensor | None = None, *, size: int = 64) -> list[str]:
+    """Names of the trainable parameters of ``module`` that get no gradient from one forward and backward of
+    ``module(example_input)`` (default: a seeded ``1×3×size×size`` image). Gradients already accumulated and
+    the global RNG state are left as they were."""
+    from ..level_discovery import default_example
+
+    example = default_example(module, size) if example_input is None else example_input
+    trainable = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    saved = {name: p.grad for name, p in trainable.items()}
+    devices = [example.device.index or 0] if example.device.type == "cuda" else []
+    try:
+        for p in trainable.values():
+            p.grad = None
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            total = _output_sum(module(example))
+            if total is None or not total.requires_grad:
+                raise ValueError(f"{type(module).__name__}'s output does not depend on any trainable parameter")
+            total.backward()
+        return [name for name, p in trainable.items() if p.grad is None]
+    finally:
+        for name, p in trainable.items():
+            p.grad = saved[name]
+
+
+def freeze_unused_parameters(module: nn.Module, example_input: torch.Tensor | None = None, *,
+                             size: int = 64) -> list[str]:
+    """``requires_grad_(False)`` on every parameter that ``module``'s forward never uses (``unused_parameters``),
+    so that ``DistributedDataParallel`` needs no ``find_unused_parameters=True``; returns their names.
+
+    Some upstream backbones register layers their forward never calls (PromptIR's ``chnl_reduce*``,
+    ``reduce_noise_channel_*``): frozen, they get no optimiser state and keep their values in checkpoints,
+    which therefore still load into upstream code. Call it before building the optimiser.
+    """
+    names = unused_parameters(module, example_input, size=size)
+    named = dict(module.named_parameters())
+    for name in names:
+        named[name].requires_grad_(False)
+    return names
