@@ -253,10 +253,11 @@ class QualityPerceiver(
         return F.normalize(features.float(), dim=-1)
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
-        """Bicubic resize ``(B, 3, H, W) -> (B, 3, *image_size)``, aspect not kept (docs/method.md §1.1); no-op if equal.
+        """Bicubic resize ``(B, 3, H, W) -> (B, 3, *image_size)``, aspect not kept (docs/method.md §1.1).
 
-        Antialiased only if ``resize_antialias`` (the preprocessing the prompts were trained with). Stage-1
-        training, scoring and the CLIP-aware loss all come through here, so training and use always match.
+        A no-op when the size already matches. Antialiased only if ``resize_antialias`` (the preprocessing
+        the prompts were trained with). Stage-1 training, scoring and the CLIP-aware loss all come through
+        here, so training and use always match.
         """
         if tuple(images.shape[-2:]) == self.image_size:
             return images

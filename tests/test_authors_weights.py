@@ -128,7 +128,8 @@ def test_wrong_files_fail_with_what_was_expected_and_what_came(clip, tmp_path):
     with pytest.raises(AuthorsCheckpointError, match=r"quality_names must be \('terrible', 'mediocre', 'excellent'\) "
                        r"in this order .*got \('excellent', 'mediocre', 'terrible'\)"):
         convert({**good, "quality_names": TIERS[::-1]})
-    with pytest.raises(AuthorsCheckpointError, match=r"context must have shape \(3, n_ctx=5, width\), got \(3, 4, 64\)"):
+    with pytest.raises(AuthorsCheckpointError, match=r"context must have shape \(3, n_ctx=5, width\), "
+                                                     r"got \(3, 4, 64\)"):
         convert({**good, "context_length": 5})
     long = authors_prompt_checkpoint(clip, n_ctx=76)
     with pytest.raises(AuthorsCheckpointError, match="n_ctx=76 does not fit 'perceive-tiny-clip'"):
@@ -157,7 +158,8 @@ def test_prompts_of_another_clip_or_layout_are_refused(clip, tmp_path):
                                 pretrained=None)
     shifted = authors_prompt_checkpoint(clip)
     shifted["prompt_learner"]["tokenized_prompts"] = torch.roll(shifted["prompt_learner"]["tokenized_prompts"], 1, 1)
-    with pytest.raises(AuthorsCheckpointError, match=r"tokenized_prompts .* are not CLIP's ids of '\[SOS\] X…X \[EOT\]"):
+    with pytest.raises(AuthorsCheckpointError, match=r"tokenized_prompts .* are not CLIP's ids of "
+                                                     r"'\[SOS\] X…X \[EOT\]"):
         convert_authors_prompts(_write(tmp_path, shifted), tmp_path / "out", clip=clip, clip_model=TINY_CLIP_NAME,
                                 pretrained=None)
 

@@ -103,9 +103,9 @@ class SGM(FrozenHolder):
     """Frozen DINOv2 semantic priors: ``images (B, 3, H, W) in [0, 1] -> [F_1 … F_n]``, each ``(B, D)``.
 
     Args:
-        model: a timm ViT name (default DINOv2-B/14) or a built timm ``VisionTransformer``
-            (it must accept ``image_size`` inputs: build it with ``img_size=image_size`` or
-            ``dynamic_img_size=True``).
+        model: a timm ViT name (default DINOv2-B/14) or a built timm ``VisionTransformer`` (with
+            ``position_embedding="timm"`` it must accept ``image_size`` inputs: build it with
+            ``img_size=image_size`` or ``dynamic_img_size=True``).
         pretrained: load the pretrained weights when building by name (default True).
         blocks: 1-based block indices whose CLS tokens are returned, shallow first (repeats allowed);
             an int n spreads n blocks over the depth; ``None`` = 4: (1, 4, 8, 12) for a 12-block net.
@@ -115,8 +115,8 @@ class SGM(FrozenHolder):
         position_embedding: how the pretrained position grid is brought to ``image_size / patch``: ``"timm"``
             (antialiased bicubic) or ``"hf"`` (plain bicubic, as transformers' ``Dinov2Model``, which the
             authors' network was trained with). By name, the network is built at its pretrained input size and
-            resampled here; a built network is resampled from its own grid with ``"hf"`` and used as it is with
-            ``"timm"`` (it must then accept ``image_size`` inputs). ``set_position_embedding`` switches later.
+            resampled here; a built network is resampled from its own grid, in place, with ``"hf"`` and used as
+            it is with ``"timm"``. ``set_position_embedding`` switches later.
     """
 
     def __init__(
