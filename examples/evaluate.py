@@ -20,6 +20,8 @@ Examples::
     python examples/evaluate.py --backbone nafnet --checkpoint NAFNet-SIDD-width32.pth --data-root data/test \\
         --sets SIDD=SIDD --tile 512 --overlap 32 --device cuda
     python examples/evaluate.py --run runs/restormer-3task --data-root data/test --protocol 3task
+    python examples/evaluate.py --backbone perceive-ir-net --checkpoint weight/perceiveIR_3task.pth \
+        --data-root data/test --protocol 3task   # the authors' network (docs/authors-weights.md)
 
 ``--run`` evaluates a network trained by a stage-2 script (``examples/train_*perceive*.py``): the backbone
 wrapped in ``PerceiveAdapter`` or the paper's network, rebuilt from the run's ``net.json`` with its frozen
@@ -280,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
                         help="--run: the EMA weights if the run kept them (auto), or the plain/EMA ones")
     parser.add_argument("--param-key", help="entry holding the weights, e.g. params_ema (default: detected)")
+    parser.add_argument("--sgm-position-embedding", choices=("auto", "timm", "hf"), default="auto",
+                        help="DINOv2 position grid of a network with an SGM: auto = 'hf' (as the authors' Hugging "
+                        "Face DINOv2) for a checkpoint in the authors' layout, else as built")
     parser.add_argument("--override", action="append", type=_parse_override, default=[], metavar="KEY=VALUE",
                         help="change one config entry of the backbone, e.g. width=64 (repeatable)")
     parser.add_argument("--data-root", required=True, help="folder holding one sub-folder per test set")
@@ -320,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, tuple[float, float, int
     else:
         model = create_backbone(args.backbone, **dict(args.override))
         if args.checkpoint:
-            load_checkpoint(model, args.checkpoint, param_key=args.param_key)
+            load_checkpoint(model, args.checkpoint, param_key=args.param_key,
+                            sgm_position_embedding=args.sgm_position_embedding)
         else:
             log.warning("no --checkpoint: evaluating %s with random weights", args.backbone)
         size_factor = model.size_factor

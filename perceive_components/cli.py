@@ -1,6 +1,7 @@
 """The ``perceive-ir`` command: score images with a perceiver and run stage 1 from the shell.
 
     perceive-ir score IMG… --perceiver ORG/NAME|DIR [--json]
+    perceive-ir convert authors-prompts FILE --out DIR [--clip-model NAME --pretrained TAG]
     perceive-ir stage1 split ROOT --out pairs.jsonl [--folds 2]
     perceive-ir stage1 render --pairs pairs.jsonl --root ROOT --out DIR --restorer MODULE:FACTORY [...]
     perceive-ir stage1 gates --triplets DIR/triplets.jsonl --root ROOT [--json]
@@ -38,11 +39,25 @@ def _device(name: str | None):
 def _load_perceiver(source: str, clip_model: str | None, pretrained: str | None):
     from .perceiver import QualityPerceiver
 
+    if pretrained is not None and not clip_model:
+        raise CommandError(f"--pretrained {pretrained!r} only applies with --clip-model (the perceiver's config names "
+                           "its CLIP and tag); pass both, e.g. --clip-model ViT-B-32-quickgelu --pretrained openai")
     overrides = {}
     if clip_model:
         overrides["clip_model"] = clip_model
         overrides["pretrained"] = pretrained
     return QualityPerceiver.from_pretrained(source, **overrides)
+
+
+def _warn_if_audit_failed(perceiver) -> None:
+    """One stderr line when the perceiver's recorded audit did not pass the authors' gate."""
+    gate = (perceiver.audit_metrics or {}).get("gate") or {}
+    if gate.get("passed") is not False:
+        return
+    failed = [f"{name} {check['value']:.2f} < {check['threshold']}" for name, check in gate.items()
+              if isinstance(check, dict) and check["value"] < check["threshold"]]
+    print(f"perceive-ir: warning: this perceiver's recorded audit did not pass the authors' gate ({', '.join(failed)}"
+          "); its tiers and q may not separate degraded from restored images", file=sys.stderr)
 
 
 def _factory(spec: str, kwargs_json: str | None) -> Callable:
@@ -69,6 +84,7 @@ def cmd_score(args) -> None:
 
     device = _device(args.device)
     perceiver = _load_perceiver(args.perceiver, args.clip_model, args.pretrained).freeze_prompts().to(device)
+    _warn_if_audit_failed(perceiver)
     rows = []
     for start in range(0, len(args.images), args.batch_size):
         paths = args.images[start : start + args.batch_size]
@@ -94,6 +110,17 @@ def cmd_score(args) -> None:
     for r in rows:
         probs = " ".join(f"{r['probabilities'][w]:.3f}".rjust(max(11, len(w) + 3)) for w in words)
         print(f"{r['image']:<{width}}  {r['tier']:<10} {probs}  {r['q']:.3f}")
+
+
+# ----------------------------------------------------------------------------- convert
+def cmd_convert_authors_prompts(args) -> None:
+    from .convert import convert_authors_prompts
+
+    perceiver = convert_authors_prompts(args.file, args.out, clip_model=args.clip_model,
+                                        pretrained=args.pretrained or None)
+    info = perceiver.training_info
+    print(f"converted {Path(args.file).name} (iteration {info['iteration']}, task-balanced: {info['task_balanced']})"
+          f" to {args.out}; load it with QualityPerceiver.from_pretrained({str(args.out)!r})")
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -223,6 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=_positive_int, default=32)
     score.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     score.set_defaults(func=cmd_score)
+
+    convert = commands.add_parser("convert", help="convert released weights into this library's format")
+    kinds = convert.add_subparsers(dest="convert_command", required=True, metavar="KIND")
+    authors = kinds.add_parser("authors-prompts", help="the Perceive-IR authors' stage-1 quality_prompts_*.pth")
+    authors.add_argument("file", help="e.g. weight/stage1/quality_prompts_100000.pth")
+    authors.add_argument("--out", required=True, help="perceiver folder to write (save_pretrained layout)")
+    authors.add_argument("--clip-model", default="ViT-B-32-quickgelu", help="the CLIP the prompts were trained on")
+    authors.add_argument("--pretrained", default="openai", help="its weight tag ('' for none)")
+    authors.set_defaults(func=cmd_convert_authors_prompts)
 
     stage1 = commands.add_parser("stage1", help="stage 1: folds, medium images, prompt training, audit")
     steps = stage1.add_subparsers(dest="stage1_command", required=True, metavar="STEP")

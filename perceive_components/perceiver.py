@@ -4,6 +4,10 @@
     logits = s · v Tᵀ            s = exp(CLIP logit_scale) ≈ 100, fixed; T: (3, D) prompt features
     p      = softmax(logits)     tier = argmax p      q = Σ_c c · p_c ∈ [0, 2]  (higher is better)
 
+``resize_224`` is bicubic, antialiased or not as the prompts were trained (``resize_antialias``, recorded
+in the config): plain bicubic by default, as the authors' prompts; configs written by version 0.1 carry
+no such key and were trained with antialias, so they load with ``resize_antialias=True``.
+
 Only the prompt context is trainable and only it is saved; the CLIP comes from open_clip by name or is
 passed in as an instance. Once the prompts are fixed the three text features are cached, so scoring
 costs one image-encoder pass (``freeze_prompts()`` also drops the text tower).
@@ -12,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,7 +37,8 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_TIER_WORDS = ("terrible", "mediocre", "excellent")
 CONFIG_FORMAT = "perceive-components/quality-perceiver"
-CONFIG_KEYS = ("clip_model", "pretrained", "n_ctx", "tier_words", "logit_scale")
+CONFIG_KEYS = ("clip_model", "pretrained", "n_ctx", "tier_words", "logit_scale", "resize_antialias")
+LEGACY_RESIZE_ANTIALIAS = True  # configs without "resize_antialias" (version 0.1) were trained antialiased
 
 
 def create_clip(clip_model: str, pretrained: str | None, cache_dir: str | None = None) -> nn.Module:
@@ -67,6 +74,13 @@ def create_clip(clip_model: str, pretrained: str | None, cache_dir: str | None =
     return model
 
 
+def check_logit_scale(value: object, name: str = "logit_scale") -> float:
+    """``value`` as a float if it is a finite number > 0, else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0 (CLIP's is exp(4.6052) = 100), got {value!r}")
+    return float(value)
+
+
 def _preprocess_constants(clip: nn.Module) -> tuple[tuple[int, int], tuple[float, ...], tuple[float, ...]]:
     visual = clip.visual
     cfg = getattr(visual, "preprocess_cfg", None) or {}
@@ -91,7 +105,9 @@ class QualityPerceiver(
         n_ctx: learnable context vectors per tier (16).
         tier_words: one BPE token each, worst first (tier index = quality rank).
         clip: an already-built open_clip model to use instead of loading by name (offline, tiny tests).
-        logit_scale: fixed logit scale s; ``None`` takes CLIP's ``exp(logit_scale)``.
+        logit_scale: fixed logit scale s > 0; ``None`` takes CLIP's ``exp(logit_scale)``.
+        resize_antialias: antialias the bicubic resize to the CLIP input size. Prompts must be used with the
+            preprocessing they were trained with; ``False`` (plain bicubic) is the authors' and the default.
     """
 
     lower_better = False  # q: higher is better
@@ -105,6 +121,7 @@ class QualityPerceiver(
         clip: nn.Module | None = None,
         logit_scale: float | None = None,
         cache_dir: str | None = None,
+        resize_antialias: bool = False,
     ) -> None:
         super().__init__()
         import open_clip
@@ -113,6 +130,10 @@ class QualityPerceiver(
         tier_words = tuple(tier_words)
         if len(tier_words) < 2:
             raise ValueError(f"tier_words needs at least two tiers, got {tier_words!r}")
+        if not isinstance(resize_antialias, bool):
+            raise TypeError(f"resize_antialias must be True or False, got {resize_antialias!r}")
+        if logit_scale is not None:
+            logit_scale = check_logit_scale(logit_scale)
         if clip is None:
             clip = create_clip(clip_model, pretrained, cache_dir)
         elif not isinstance(clip, nn.Module) or not hasattr(clip, "visual"):
@@ -126,8 +147,10 @@ class QualityPerceiver(
         self.text_width = text_encoder.width
         if logit_scale is None:
             raw = getattr(clip, "logit_scale", None)
-            logit_scale = float(raw.detach().exp()) if raw is not None else 100.0
-        self.logit_scale = float(logit_scale)
+            logit_scale = check_logit_scale(float(raw.detach().exp()) if raw is not None else 100.0,
+                                            "the CLIP's exp(logit_scale) (pass logit_scale=… to override)")
+        self.logit_scale = logit_scale
+        self.resize_antialias = resize_antialias
         self.image_size, mean, std = _preprocess_constants(clip)
         mean_t, std_t = torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1)
         self.register_buffer("mean", mean_t, persistent=False)
@@ -146,6 +169,7 @@ class QualityPerceiver(
         self._cache_key: tuple | None = None
         self.training_info: dict[str, Any] = {}
         self.audit_metrics: dict[str, Any] = {}
+        self.origin: dict[str, Any] = {}  # where converted prompts come from (file, release, licence)
 
     # ------------------------------------------------------------------ text side
     def config(self) -> dict[str, Any]:
@@ -157,10 +181,12 @@ class QualityPerceiver(
             "n_ctx": self.prompt_learner.n_ctx,
             "tier_words": list(self.tier_words),
             "logit_scale": self.logit_scale,
+            "resize_antialias": self.resize_antialias,
             "text_width": self.text_width,
             "image_size": list(self.image_size),
             "training": self.training_info,
             "audit": self.audit_metrics,
+            "origin": self.origin,
         }
 
     def encode_prompts(self) -> torch.Tensor:
@@ -227,10 +253,16 @@ class QualityPerceiver(
         return F.normalize(features.float(), dim=-1)
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
-        """Bicubic (antialiased) resize to the CLIP input size, aspect not kept (SPEC §1.1); no-op if equal."""
+        """Bicubic resize ``(B, 3, H, W) -> (B, 3, *image_size)``, aspect not kept (docs/method.md §1.1).
+
+        A no-op when the size already matches. Antialiased only if ``resize_antialias`` (the preprocessing
+        the prompts were trained with). Stage-1 training, scoring and the CLIP-aware loss all come through
+        here, so training and use always match.
+        """
         if tuple(images.shape[-2:]) == self.image_size:
             return images
-        return F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False, antialias=True)
+        return F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False,
+                             antialias=self.resize_antialias)
 
     def logits_from_features(self, image_features: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         """``s · v Tᵀ`` in float32 (also under autocast): ``(B, D)`` features → ``(B, n_tiers)`` logits."""
@@ -285,7 +317,8 @@ class QualityPerceiver(
 
         Files are resolved (and validated) before any CLIP is built, so a missing or broken repo fails fast.
         With ``HF_HUB_OFFLINE=1`` a cached repo loads without any request. ``clip=`` supplies the CLIP
-        instead of loading it by the name in the config; ``overrides`` replace config values.
+        instead of loading it by the name in the config; ``overrides`` replace config values. A config
+        without ``resize_antialias`` (written by version 0.1) loads with ``resize_antialias=True``.
         """
         config_path, weights_path = resolve_files(
             str(pretrained_model_name_or_path), ("config.json", "model.safetensors"),
@@ -295,11 +328,13 @@ class QualityPerceiver(
         config = _read_config(config_path)
         tensors = load_prompt_tensors(weights_path)
         kwargs = {key: config[key] for key in CONFIG_KEYS if key in config}
+        kwargs.setdefault("resize_antialias", LEGACY_RESIZE_ANTIALIAS)
         kwargs.update(overrides)
         perceiver = cls(clip=clip, **kwargs)
         perceiver._load_context(tensors, config, str(pretrained_model_name_or_path))
         perceiver.training_info = dict(config.get("training") or {})
         perceiver.audit_metrics = dict(config.get("audit") or {})
+        perceiver.origin = dict(config.get("origin") or {})
         return perceiver.eval()
 
     def _load_context(self, tensors: dict[str, torch.Tensor], config: dict, source: str) -> None:
@@ -334,4 +369,8 @@ def _read_config(path: str) -> dict:
     missing = [key for key in ("clip_model", "n_ctx", "tier_words") if key not in config]
     if missing:
         raise ValueError(f"{path} is missing {missing}")
+    if config.get("logit_scale") is not None:
+        check_logit_scale(config["logit_scale"], f"{path}: logit_scale")
+    if not isinstance(config.get("resize_antialias", False), bool):
+        raise ValueError(f"{path}: resize_antialias must be true or false, got {config['resize_antialias']!r}")
     return config

@@ -60,8 +60,8 @@ class TextEncoder(nn.Module):
 
 
 def tier_token_ids(words: Sequence[str], tokenizer) -> list[int]:
-    """BPE id of each tier word; raises ``ValueError`` for a word that is not exactly one token."""
-    ids = []
+    """BPE id of each tier word; ``ValueError`` for a word that is not exactly one token or a repeated one."""
+    ids: list[int] = []
     for word in words:
         if not isinstance(word, str) or not word.strip():
             raise ValueError(f"tier_words must be non-empty strings, got {word!r}")
@@ -71,6 +71,10 @@ def tier_token_ids(words: Sequence[str], tokenizer) -> list[int]:
                 f"tier_words: {word!r} is {len(tokens)} BPE tokens in CLIP's tokenizer; each tier word must be "
                 "a single token (e.g. 'terrible', 'mediocre', 'excellent')"
             )
+        if tokens[0] in ids:  # the tokenizer lowercases: 'Good' and 'good' are one token
+            first = words[ids.index(tokens[0])]
+            raise ValueError(f"tier_words must be distinct tokens: {first!r} and {word!r} are the same CLIP token "
+                             f"(got {tuple(words)!r})")
         ids.append(tokens[0])
     return ids
 

@@ -127,3 +127,36 @@ def test_cache_subcommand_is_wired_with_clean_errors(tmp_path, capsys):
     assert main(["cache", "render", "--cache", str(tmp_path / "c"), "--slot", "s", "--model", "nocolon",
                  "--input-root", str(tmp_path)]) == 1
     assert "--model must look like MODULE:CALLABLE" in capsys.readouterr().err
+
+
+def test_pretrained_without_clip_model_is_an_error(tmp_path, perceiver_dir, capsys):
+    folder, _ = perceiver_dir
+    write_image(tmp_path / "a.png", torch.rand(3, 32, 32))
+    assert main(["score", str(tmp_path / "a.png"), "--perceiver", str(folder), "--pretrained", "openai",
+                 "--device", "cpu"]) == 1
+    assert "--pretrained 'openai' only applies with --clip-model" in capsys.readouterr().err
+
+
+def test_a_perceiver_file_is_named_as_a_file(tmp_path, perceiver_dir, capsys):
+    folder, _ = perceiver_dir
+    write_image(tmp_path / "a.png", torch.rand(3, 32, 32))
+    assert main(["score", str(tmp_path / "a.png"), "--perceiver", str(folder / "config.json"), "--device", "cpu"]) == 1
+    assert "is a file, not a perceiver" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("passed", [False, True])
+def test_score_warns_when_the_recorded_audit_failed_its_gate(tmp_path, perceiver_dir, tiny_clip, passed, capsys):
+    folder, perceiver = perceiver_dir
+    audited = QualityPerceiver.from_pretrained(folder, clip=tiny_clip)
+    audited.audit_metrics = {"accuracy": 0.5, "gate": {
+        "passed": passed, "task_macro_accuracy": {"value": 0.55 if not passed else 0.9, "threshold": 0.8},
+        "monotonic": {"value": 0.95, "threshold": 0.9}}}
+    audited.save_pretrained(tmp_path / "audited")
+    write_image(tmp_path / "a.png", torch.rand(3, 32, 32))
+    assert main(["score", str(tmp_path / "a.png"), "--perceiver", str(tmp_path / "audited"), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    if passed:
+        assert "warning" not in err
+    else:
+        assert err.startswith("perceive-ir: warning: this perceiver's recorded audit did not pass the authors' gate "
+                              "(task_macro_accuracy 0.55 < 0.8)")

@@ -145,3 +145,76 @@ def test_foreign_config_and_extra_tensors(saved, tiny_clip):
     save_file({"prompt_learner.ctx": torch.zeros(3, 4, 32), "extra": torch.zeros(1)}, folder / "model.safetensors")
     with pytest.raises(ValueError, match="exactly"):
         QualityPerceiver.from_pretrained(folder, clip=tiny_clip)
+
+
+def test_preprocessing_is_recorded_and_version_01_configs_load_antialiased(saved, tiny_clip):
+    perceiver, folder = saved
+    images = torch.rand(2, 3, 80, 72)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["resize_antialias"] is False
+    assert "(no antialias)" in (folder / "README.md").read_text()
+    loaded = QualityPerceiver.from_pretrained(folder, clip=tiny_clip)
+    assert loaded.resize_antialias is False
+    with torch.no_grad():
+        assert torch.equal(loaded(images), perceiver(images))
+
+    del config["resize_antialias"]  # a config written by version 0.1, whose prompts trained antialiased
+    (folder / "config.json").write_text(json.dumps(config))
+    old = QualityPerceiver.from_pretrained(folder, clip=tiny_clip)
+    assert old.resize_antialias is True
+    perceiver.resize_antialias = True
+    with torch.no_grad():
+        assert torch.equal(old(images), perceiver(images))
+    old.save_pretrained(folder)  # saved again, the setting is now written down
+    assert json.loads((folder / "config.json").read_text())["resize_antialias"] is True
+
+
+@pytest.mark.parametrize("scale", ["NaN", "Infinity", "-1.0", "0", "true"])
+def test_config_with_a_bad_logit_scale_is_refused(saved, tiny_clip, scale):
+    _, folder = saved
+    text = (folder / "config.json").read_text()
+    config = json.loads(text)
+    text = text.replace(f'"logit_scale": {config["logit_scale"]!r}', f'"logit_scale": {scale}')
+    (folder / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=r"config.json: logit_scale must be a finite number > 0"):
+        QualityPerceiver.from_pretrained(folder, clip=tiny_clip)
+
+
+def test_a_file_is_not_a_perceiver(saved, tmp_path, tiny_clip):
+    _, folder = saved
+    with pytest.raises(NotADirectoryError, match="is a file, not a perceiver: expected a folder written by "
+                                                 "save_pretrained .* or a Hub repo id"):
+        QualityPerceiver.from_pretrained(folder / "model.safetensors", clip=tiny_clip)
+    (tmp_path / "quality_prompts_100000.pth").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="perceive-ir convert authors-prompts"):
+        QualityPerceiver.from_pretrained(tmp_path / "quality_prompts_100000.pth", clip=tiny_clip)
+
+
+@pytest.mark.parametrize("name", ["trained-perceiver", "runs/stage1/perceiver", "./perceiver", "my perceiver/v1"])
+def test_missing_paths_that_cannot_be_repo_ids_fail_without_the_hub(name, tmp_path, monkeypatch, tiny_clip):
+    import time
+
+    import huggingface_hub
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)  # online: nothing stops a download but us
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_hub)
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="does not exist .* and it is not a Hub repo id"):
+        QualityPerceiver.from_pretrained(name, clip=tiny_clip)
+    assert time.perf_counter() - start < 1
+
+
+def test_a_missing_relative_folder_that_could_be_a_repo_id_says_so(tmp_path, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    with caplog.at_level(logging.INFO, logger="perceive_components.hub"):
+        with pytest.raises(FileNotFoundError, match=r"no local folder 'runs/perceiver' exists \(looked for .*"
+                                                    r"runs/perceiver\); as a Hub repo id, .*HF_HUB_OFFLINE=1"):
+            QualityPerceiver.from_pretrained("runs/perceiver")
+    assert "no local folder 'runs/perceiver' exists" in caplog.text  # said before the Hub is tried

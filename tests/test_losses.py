@@ -272,7 +272,8 @@ def ref_clip_loss(perceiver, restored, *, form, scale) -> torch.Tensor:
     visual = perceiver.image_encoder
     x = restored.double().clamp(0, 1)
     if tuple(x.shape[-2:]) != tuple(perceiver.image_size):
-        x = F.interpolate(x, size=perceiver.image_size, mode="bicubic", align_corners=False, antialias=True)
+        x = F.interpolate(x, size=perceiver.image_size, mode="bicubic", align_corners=False,
+                          antialias=perceiver.resize_antialias)
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711], dtype=torch.float64).view(1, 3, 1, 1)
     with torch.no_grad():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from perceive_components import QualityPerceiver
 
@@ -159,3 +160,90 @@ def test_offline_default_clip_fails_fast_with_remedy():
         QualityPerceiver()  # ViT-B-32-quickgelu / openai: not cached, HF_HUB_OFFLINE=1
     assert time.perf_counter() - start < 10
     assert "ViT-B-32-quickgelu" in str(info.value)
+
+
+# ------------------------------------------------------------------ preprocessing the prompts were trained with
+OPENAI_MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
+OPENAI_STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
+
+
+def clip_features(clip, images: torch.Tensor, antialias: bool) -> torch.Tensor:
+    """CLIP features of images resized bicubically to the tiny CLIP's 32², with or without antialias."""
+    x = F.interpolate(images, size=(32, 32), mode="bicubic", align_corners=False, antialias=antialias)
+    return F.normalize(clip.visual((x - OPENAI_MEAN) / OPENAI_STD), dim=-1)
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_resize_applies_the_recorded_antialias(tiny_clip, antialias):
+    perceiver = QualityPerceiver(clip_model="tiny", pretrained=None, n_ctx=4, clip=tiny_clip,
+                                 resize_antialias=antialias)
+    images = torch.rand(2, 3, 80, 72)
+    expected = F.interpolate(images, size=(32, 32), mode="bicubic", align_corners=False, antialias=antialias)
+    assert torch.equal(perceiver.resize(images), expected)
+    assert perceiver.config()["resize_antialias"] is antialias
+
+
+def test_new_perceivers_resize_as_the_authors_and_check_the_flag(tiny_clip):
+    assert QualityPerceiver(clip_model="tiny", pretrained=None, n_ctx=4, clip=tiny_clip).resize_antialias is False
+    with pytest.raises(TypeError, match="resize_antialias must be True or False, got 'yes'"):
+        QualityPerceiver(clip_model="tiny", pretrained=None, n_ctx=4, clip=tiny_clip, resize_antialias="yes")
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_clip_aware_loss_sees_images_through_the_perceivers_preprocessing(tiny_clip, antialias):
+    from perceive_components.losses import clip_aware_loss
+
+    torch.manual_seed(0)
+    perceiver = QualityPerceiver(clip_model="tiny", pretrained=None, n_ctx=4, clip=tiny_clip,
+                                 resize_antialias=antialias).freeze_prompts(drop_text_encoder=False)
+    images = torch.rand(3, 3, 80, 72, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = perceiver.logit_scale * clip_features(tiny_clip, images, antialias) @ perceiver.text_features().t()
+        expected = 1 - logits.softmax(-1)[:, 2]
+        torch.testing.assert_close(clip_aware_loss(images, perceiver, reduction="none"), expected)
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+def test_prompt_training_sees_images_through_the_perceivers_preprocessing(tiny_clip, antialias):
+    from perceive_components.stage1 import TensorTriplets, train_prompts
+    from perceive_components.stage1.train import _StepBatches
+
+    generator = torch.Generator().manual_seed(0)
+    triplets = TensorTriplets(*(torch.rand(4, 3, 48, 48, generator=generator) for _ in range(3)), ["a", "b"] * 2)
+    torch.manual_seed(0)
+    perceiver = QualityPerceiver(clip_model="tiny", pretrained=None, n_ctx=4, clip=tiny_clip,
+                                 resize_antialias=antialias)
+    images, labels = _StepBatches(triplets, triplets.tasks, 2, 48, seed=0, balanced=True)[0]  # step 0's batch
+    with torch.no_grad():
+        logits = perceiver.logit_scale * clip_features(tiny_clip, images, antialias) @ perceiver.encode_prompts().t()
+        expected = F.cross_entropy(logits, labels).item()
+    history = train_prompts(perceiver, triplets, steps=1, batch_size=2, crop_size=48, progress=False)
+    assert history["loss"][0] == pytest.approx(expected, abs=1e-5)
+
+
+# ------------------------------------------------------------------ logit scale and tier words
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0, -100.0, True, "100"])
+def test_logit_scale_must_be_finite_and_positive(tiny_clip, scale):
+    with pytest.raises(ValueError, match="logit_scale must be a finite number > 0") as info:
+        QualityPerceiver(clip_model="tiny", pretrained=None, n_ctx=4, clip=tiny_clip, logit_scale=scale)
+    assert repr(scale) in str(info.value)
+
+
+def test_a_clip_with_a_broken_logit_scale_is_refused(tiny_clip):
+    import copy
+
+    broken = copy.deepcopy(tiny_clip)
+    with torch.no_grad():
+        broken.logit_scale.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"the CLIP's exp\(logit_scale\) .* must be a finite number > 0"):
+        QualityPerceiver(clip_model="tiny", pretrained=None, n_ctx=4, clip=broken)
+    assert QualityPerceiver(clip_model="tiny", pretrained=None, n_ctx=4, clip=broken, logit_scale=50).logit_scale == 50
+
+
+@pytest.mark.parametrize("words, repeated", [
+    (("terrible", "terrible", "excellent"), "'terrible' and 'terrible'"),
+    (("bad", "good", "Good"), "'good' and 'Good'"),
+])
+def test_tier_words_must_be_distinct(tiny_clip, words, repeated):
+    with pytest.raises(ValueError, match=f"tier_words must be distinct tokens: {repeated} are the same CLIP token"):
+        QualityPerceiver(clip_model="tiny", pretrained=None, n_ctx=4, tier_words=words, clip=tiny_clip)

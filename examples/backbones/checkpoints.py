@@ -8,7 +8,9 @@ Formats read by ``load_checkpoint`` (the layout is detected, or named with ``par
   ``net.`` prefix is removed and the other entries are ignored.
 - The Perceive-IR authors' release (the paper's network, ``perceive_ir_net.py``): ``{'model': state_dict,
   'iteration': …, 'config': …}`` (training checkpoints add optimizer, scheduler and training state, which are
-  ignored). Their key names are mapped to ours by the model's ``upstream_key_map()``.
+  ignored). Their key names are mapped to ours by the model's ``upstream_key_map()``. Their network was
+  trained with Hugging Face's DINOv2, so a model with an ``sgm`` gets its position grid resampled the HF way
+  (``SGM.set_position_embedding('hf')``) unless ``sgm_position_embedding='timm'`` is asked for.
 - A plain state dict (``.pth``/``.pt`` or ``.safetensors``), e.g. the weights our training scripts write.
 
 A ``module.`` prefix (saved from a DDP-wrapped model) is removed, as BasicSR does. Files are opened with
@@ -19,6 +21,7 @@ unexpected and mis-shaped keys, instead of torch's list of every key.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
@@ -28,6 +31,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from perceive_components import SGM
 from perceive_components.ops.checkpoint import atomic_write
 
 # (family, key prefixes that must all occur), checked in order; the first match names the checkpoint.
@@ -38,6 +42,7 @@ FAMILY_SIGNATURES: list[tuple[str, tuple[str, ...]]] = [
     ("Restormer", ("patch_embed.proj.", "latent.", "reduce_chan_level3.")),
 ]
 _EXAMPLES = 3  # keys quoted per kind of mismatch
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -92,7 +97,7 @@ def extract_state_dict(checkpoint: Mapping[str, Any], param_key: str | None = No
         state = checkpoint.get("params", checkpoint.get("params_ema"))
     elif "state_dict" in checkpoint:
         state = _strip_prefix(checkpoint["state_dict"], "net.")
-    elif isinstance(checkpoint.get("model"), Mapping):  # Perceive-IR authors' release
+    elif is_authors_layout(checkpoint):
         state = checkpoint["model"]
     else:
         state = checkpoint
@@ -103,6 +108,12 @@ def extract_state_dict(checkpoint: Mapping[str, Any], param_key: str | None = No
             f" top-level keys are {sorted(checkpoint)[:10]} (choose one with param_key)"
         )
     return _strip_prefix(state, "module.")
+
+
+def is_authors_layout(checkpoint: Mapping[str, Any]) -> bool:
+    """True for the Perceive-IR authors' ``{'model': state_dict, …}`` (not a BasicSR/Lightning file)."""
+    other_layout = {"params", "params_ema", "state_dict"} & set(checkpoint)
+    return not other_layout and isinstance(checkpoint.get("model"), Mapping)
 
 
 def guess_family(keys: set[str] | list[str]) -> str | None:
@@ -163,16 +174,31 @@ def from_upstream_keys(model: nn.Module, state: Mapping[str, torch.Tensor]) -> d
     return {key if key in own else own_by_upstream.get(key, key): value for key, value in state.items()}
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, param_key: str | None = None) -> nn.Module:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, param_key: str | None = None,
+                    sgm_position_embedding: str = "auto") -> nn.Module:
     """Load the checkpoint at ``path`` into ``model`` with ``strict=True`` and return the model.
 
     ``param_key`` picks the entry holding the weights (e.g. ``'params_ema'``); by default it is detected.
-    Raises ``FileNotFoundError`` for a missing file and ``CheckpointError`` (a ``ValueError``) for an
-    unreadable file or weights that do not fit.
+    ``sgm_position_embedding`` (models with an ``sgm``): ``'auto'`` switches to ``'hf'`` for a checkpoint in
+    the authors' layout (their DINOv2 is Hugging Face's) and leaves the model as built otherwise; ``'timm'``
+    or ``'hf'`` force one (``SGM.set_position_embedding``). Raises ``FileNotFoundError`` for a missing file
+    and ``CheckpointError`` (a ``ValueError``) for an unreadable file or weights that do not fit.
     """
-    state = from_upstream_keys(model, extract_state_dict(read_checkpoint_file(path), param_key))
+    if sgm_position_embedding not in ("auto", "timm", "hf"):
+        raise ValueError(f"sgm_position_embedding must be 'auto', 'timm' or 'hf', got {sgm_position_embedding!r}")
+    checkpoint = read_checkpoint_file(path)
+    state = from_upstream_keys(model, extract_state_dict(checkpoint, param_key))
     check_state_dict_fits(model, state, source=f"checkpoint {str(path)!r}")
     model.load_state_dict(state, strict=True)
+    sgm = getattr(model, "sgm", None)
+    wanted = sgm_position_embedding
+    if wanted == "auto":
+        wanted = "hf" if is_authors_layout(checkpoint) else None
+    if isinstance(sgm, SGM) and wanted is not None and sgm.position_embedding != wanted:
+        sgm.set_position_embedding(wanted)
+        if "dinov2_position_embedding" in getattr(model, "config", {}):
+            model.config["dinov2_position_embedding"] = wanted
+        log.info("%s: DINOv2 position embedding resampled the %s way", Path(path).name, wanted)
     return model
 
 

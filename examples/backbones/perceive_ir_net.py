@@ -45,12 +45,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "default": dict(dim=48, blocks=(4, 6, 6, 8), heads=(1, 2, 4, 8), refinement_blocks=4, ffn_expansion_factor=2.66,
                     semantic_dim=768, embed_dim=128, dinov2=DEFAULT_DINOV2, dinov2_pretrained=True,
                     dinov2_blocks=(1, 4, 8, 12), dinov2_image_size=224, dinov2_kwargs=None,
-                    etb_form="code", pgm_form="code"),
+                    dinov2_position_embedding="timm", etb_form="code", pgm_form="code"),
     # A random 2-block, 32-wide DINOv2 at 56 px: tests and CPU demos, nothing to download.
     "tiny": dict(dim=8, blocks=(1, 1, 1, 1), heads=(1, 1, 2, 2), refinement_blocks=1, ffn_expansion_factor=2.66,
                  semantic_dim=32, embed_dim=128, dinov2="vit_small_patch14_dinov2.lvd142m", dinov2_pretrained=False,
                  dinov2_blocks=(1, 1, 2, 2), dinov2_image_size=56,
-                 dinov2_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2}, etb_form="code", pgm_form="code"),
+                 dinov2_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2}, dinov2_position_embedding="timm",
+                 etb_form="code", pgm_form="code"),
 }
 
 # Library child name -> the authors' name, per module class (everything else is named as upstream).
@@ -114,8 +115,9 @@ class PerceiveIRNet(RestorationBackbone):
         ffn_expansion_factor: GDFN expansion (2.66). embed_dim: width of Z (128).
         semantic_dim: width of the DINOv2 priors (768 for ViT-B/14); must equal the SGM's.
         dinov2: a timm DINOv2 name, a built ``SGM`` (4 blocks), or None (then pass a ``guidance`` with priors).
-        dinov2_pretrained, dinov2_blocks, dinov2_image_size, dinov2_kwargs: how the SGM is built from a name
-            (``SGM(name, pretrained, blocks, image_size, model_kwargs=…)``).
+        dinov2_pretrained, dinov2_blocks, dinov2_image_size, dinov2_kwargs, dinov2_position_embedding: how the SGM
+            is built from a name (``SGM(name, pretrained, blocks, image_size, model_kwargs=…,
+            position_embedding=…)``; ``"hf"`` resamples the position grid as the authors' Hugging Face DINOv2).
         etb_form, pgm_form: ``"code"`` (authors' code, default) or ``"figure"`` (the paper's figure), SPEC §3.2-3.3.
 
     ``guide(degraded, positive=view)`` returns the ``Guidance`` (Z, Z⁺, priors) that ``forward(degraded,
@@ -139,20 +141,22 @@ class PerceiveIRNet(RestorationBackbone):
         dinov2_blocks: Sequence[int] = (1, 4, 8, 12),
         dinov2_image_size: int = 224,
         dinov2_kwargs: Mapping[str, Any] | None = None,
+        dinov2_position_embedding: str = "timm",
         etb_form: str = "code",
         pgm_form: str = "code",
     ) -> None:
         if len(blocks) != 4 or len(heads) != 4:
             raise ValueError(f"blocks and heads need 4 entries (3 levels + latent), got {tuple(blocks)}, "
                              f"{tuple(heads)}")
-        sgm = _build_sgm(dinov2, dinov2_pretrained, dinov2_blocks, dinov2_image_size, dinov2_kwargs, semantic_dim)
+        sgm = _build_sgm(dinov2, dinov2_pretrained, dinov2_blocks, dinov2_image_size, dinov2_kwargs, semantic_dim,
+                         dinov2_position_embedding)
         super().__init__(dict(
             dim=dim, blocks=tuple(blocks), heads=tuple(heads), refinement_blocks=refinement_blocks,
             ffn_expansion_factor=ffn_expansion_factor, semantic_dim=semantic_dim, embed_dim=embed_dim,
             dinov2=dinov2 if not isinstance(dinov2, SGM) else f"SGM({dinov2.model_name})",
             dinov2_pretrained=dinov2_pretrained, dinov2_blocks=tuple(sgm.blocks if sgm else dinov2_blocks),
             dinov2_image_size=dinov2_image_size, dinov2_kwargs=dict(dinov2_kwargs) if dinov2_kwargs else None,
-            etb_form=etb_form, pgm_form=pgm_form,
+            dinov2_position_embedding=dinov2_position_embedding, etb_form=etb_form, pgm_form=pgm_form,
         ))
         widths = (dim, 2 * dim, 4 * dim, 8 * dim)
         expansion = ffn_expansion_factor
@@ -274,12 +278,13 @@ def _build_sgm(
     image_size: int,
     kwargs: Mapping[str, Any] | None,
     semantic_dim: int,
+    position_embedding: str,
 ) -> SGM | None:
     if dinov2 is None:
         return None
     if isinstance(dinov2, str):
         sgm = SGM(dinov2, pretrained=pretrained, blocks=tuple(blocks), image_size=image_size,
-                  model_kwargs=dict(kwargs or {}))
+                  model_kwargs=dict(kwargs or {}), position_embedding=position_embedding)
     elif isinstance(dinov2, SGM):
         sgm = dinov2
     else:

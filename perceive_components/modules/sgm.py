@@ -9,8 +9,16 @@ flow; the network is held with ``FrozenHolder.hold_frozen`` (not in ``state_dict
 follows ``.to()``). Optionally the patch tokens of the same blocks come back as maps ``(B, D, h, w)``
 resized to sizes the caller asks for (e.g. each decoder level's resolution).
 
-Default network: timm ``vit_base_patch14_dinov2.lvd142m`` (= ``facebook/dinov2-base``), built at
-``img_size=224`` so timm resamples the 518-px position embedding once at load time.
+Default network: timm ``vit_base_patch14_dinov2.lvd142m`` (= ``facebook/dinov2-base``). Its position
+embedding was trained on a 37 × 37 patch grid (518 px); SGM resamples it once to the grid of the fixed input
+size (16 × 16 at 224 px), in one of two ways (``position_embedding``):
+
+    "timm"  bicubic with antialias: what timm does when it loads the weights at img_size=224 (default)
+    "hf"    bicubic without antialias, in float32, to the target size: what Hugging Face transformers'
+            ``Dinov2Model`` does on every forward (``Dinov2Embeddings.interpolate_pos_encoding``, version
+            4.57.6, the one the authors pin), so the authors' network sees its training priors
+
+The input size never changes, so resampling once equals resampling per forward.
 """
 from __future__ import annotations
 
@@ -21,10 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.frozen import FrozenHolder
-from ..ops.validation import check_positive_int
+from ..ops.validation import check_choice, check_positive_int
 
 
 DEFAULT_DINOV2 = "vit_base_patch14_dinov2.lvd142m"
+POSITION_EMBEDDINGS = ("timm", "hf")
 DEFAULT_BLOCKS = (1, 4, 8, 12)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,13 +58,16 @@ def spread_blocks(depth: int, count: int) -> tuple[int, ...]:
     return tuple(int(round(1 + i * (depth - 1) / (count - 1))) for i in range(count))
 
 
-def create_dinov2(name: str, pretrained: bool, image_size: int, cache_dir: str | None, **kwargs: Any) -> nn.Module:
-    """Build a timm ViT by name at ``img_size=image_size``; a failed download raises ``RuntimeError``."""
+def create_dinov2(name: str, pretrained: bool, image_size: int | None, cache_dir: str | None,
+                  **kwargs: Any) -> nn.Module:
+    """Build a timm ViT by name at ``img_size=image_size`` (None: the model's own, pretrained input size);
+    a failed download raises ``RuntimeError``."""
     import timm
 
+    if image_size is not None:
+        kwargs["img_size"] = image_size
     try:
-        return timm.create_model(name, pretrained=pretrained, img_size=image_size, num_classes=0,
-                                 cache_dir=cache_dir, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, cache_dir=cache_dir, **kwargs)
     except (RuntimeError, OSError, ValueError) as error:
         raise RuntimeError(
             f"could not build DINOv2 {name!r} (pretrained={pretrained}): {error}. Download the weights once with "
@@ -64,19 +76,47 @@ def create_dinov2(name: str, pretrained: bool, image_size: int, cache_dir: str |
         ) from error
 
 
+def resample_position_embedding(
+    pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], num_prefix: int, how: str
+) -> torch.Tensor:
+    """Resample a ViT position embedding ``(1, P + h·w, D) -> (1, P + h'·w', D)``; the P prefix rows (CLS) stay.
+
+    The grid is read row-major as ``(h, w, D)`` and interpolated bicubically (align_corners=False):
+    ``how="timm"`` with antialias (timm's ``resample_abs_pos_embed``), ``how="hf"`` without, computed in
+    float32 and cast back, as transformers' ``Dinov2Embeddings.interpolate_pos_encoding`` (4.57.6).
+    """
+    check_choice(how, "position_embedding", POSITION_EMBEDDINGS)
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    if how == "timm":
+        from timm.layers import resample_abs_pos_embed
+
+        return resample_abs_pos_embed(pos_embed, new_size=list(new_grid), old_size=list(old_grid),
+                                      num_prefix_tokens=num_prefix)
+    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    grid = grid.reshape(1, *old_grid, -1).permute(0, 3, 1, 2)  # (1, D, h, w)
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bicubic", align_corners=False).to(pos_embed.dtype)
+    return torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], -1)], dim=1)
+
+
 class SGM(FrozenHolder):
     """Frozen DINOv2 semantic priors: ``images (B, 3, H, W) in [0, 1] -> [F_1 … F_n]``, each ``(B, D)``.
 
     Args:
-        model: a timm ViT name (default DINOv2-B/14) or a built timm ``VisionTransformer``
-            (it must accept ``image_size`` inputs: build it with ``img_size=image_size`` or
-            ``dynamic_img_size=True``).
+        model: a timm ViT name (default DINOv2-B/14) or a built timm ``VisionTransformer`` (with
+            ``position_embedding="timm"`` it must accept ``image_size`` inputs: build it with
+            ``img_size=image_size`` or ``dynamic_img_size=True``).
         pretrained: load the pretrained weights when building by name (default True).
         blocks: 1-based block indices whose CLS tokens are returned, shallow first (repeats allowed);
             an int n spreads n blocks over the depth; ``None`` = 4: (1, 4, 8, 12) for a 12-block net.
         image_size: square resize before the network (224); a multiple of the patch size.
         antialias: antialiased bicubic resize (off, as in the authors' code).
         model_kwargs: extra ``timm.create_model`` arguments (e.g. a tiny depth for tests).
+        position_embedding: how the pretrained position grid is brought to ``image_size / patch``: ``"timm"``
+            (antialiased bicubic) or ``"hf"`` (plain bicubic, as transformers' ``Dinov2Model``, which the
+            authors' network was trained with). By name, the network is built at its pretrained input size and
+            resampled here; a built network is resampled from its own grid, in place, with ``"hf"`` and used as
+            it is with ``"timm"``. ``set_position_embedding`` switches later.
     """
 
     def __init__(
@@ -88,18 +128,21 @@ class SGM(FrozenHolder):
         antialias: bool = False,
         cache_dir: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        position_embedding: str = "timm",
     ) -> None:
         super().__init__()
         check_positive_int(image_size, "image_size")
-        if isinstance(model, str):
+        check_choice(position_embedding, "position_embedding", POSITION_EMBEDDINGS)
+        by_name = isinstance(model, str)
+        if by_name:
             self.model_name = model
-            net = create_dinov2(model, pretrained, image_size, cache_dir, **(model_kwargs or {}))
+            net = create_dinov2(model, pretrained, None, cache_dir, **(model_kwargs or {}))
         elif isinstance(model, nn.Module):
             self.model_name = type(model).__name__
             net = model
         else:
             raise TypeError(f"model must be a timm model name or an nn.Module, got {type(model).__name__}")
-        _check_vit(net, image_size)
+        _check_vit(net, image_size, fixed_size_ok=by_name or position_embedding == "hf")
         depth = len(net.blocks)
         if blocks is None or (isinstance(blocks, int) and not isinstance(blocks, bool)):
             blocks = spread_blocks(depth, check_positive_int(4 if blocks is None else blocks, "blocks"))
@@ -112,10 +155,32 @@ class SGM(FrozenHolder):
         device = next(net.parameters()).device
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1), persistent=False)
+        # The grid the network came with (pretrained, by name), kept so the resampling can be switched later.
+        self.register_buffer("source_pos_embed", net.pos_embed.detach().clone(), persistent=False)
+        self.source_grid = tuple(net.patch_embed.grid_size)
+        self.position_embedding = "timm"  # how the network's current grid was made (timm built it, or as given)
         self.hold_frozen("encoder", net)
+        if by_name or position_embedding == "hf":
+            self.set_position_embedding(position_embedding)
 
     def extra_repr(self) -> str:
-        return f"model={self.model_name}, blocks={self.blocks}, image_size={self.image_size}, dim={self.embed_dim}"
+        return (f"model={self.model_name}, blocks={self.blocks}, image_size={self.image_size}, dim={self.embed_dim}, "
+                f"position_embedding={self.position_embedding}")
+
+    def set_position_embedding(self, how: str) -> "SGM":
+        """Resample the network's original position grid to ``image_size / patch`` the ``"timm"`` or ``"hf"`` way.
+
+        Once, in place: the input size is fixed, so this equals resampling on every forward. Returns self.
+        """
+        net = self.encoder
+        target = (self.image_size // self.patch_size,) * 2
+        num_prefix = 0 if getattr(net, "no_embed_class", False) else net.num_prefix_tokens
+        grid = resample_position_embedding(self.source_pos_embed, self.source_grid, target, num_prefix, how)
+        if tuple(net.patch_embed.grid_size) != target:
+            net.set_input_size(img_size=(self.image_size, self.image_size))  # timm's size bookkeeping
+        net.pos_embed = nn.Parameter(grid.clone(), requires_grad=False)
+        self.position_embedding = how
+        return self
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor, map_sizes: Sequence[tuple[int, int]] | None = None) -> SemanticPriors:
@@ -158,18 +223,23 @@ class SGM(FrozenHolder):
         return self.extract(images).cls
 
 
-def _check_vit(net: nn.Module, image_size: int) -> None:
-    if not (hasattr(net, "forward_intermediates") and hasattr(net, "blocks") and hasattr(net, "patch_embed")):
+def _check_vit(net: nn.Module, image_size: int, fixed_size_ok: bool) -> None:
+    """A timm ViT with a CLS token and an absolute position embedding; unless ``fixed_size_ok`` (SGM resamples
+    its grid), it must also accept ``image_size`` inputs."""
+    if not (hasattr(net, "forward_intermediates") and hasattr(net, "blocks") and hasattr(net, "patch_embed")
+            and hasattr(net, "set_input_size")):
         raise TypeError(f"model must be a timm VisionTransformer (DINOv2), got {type(net).__name__}")
     if getattr(net, "num_prefix_tokens", 0) < 1 or getattr(net, "cls_token", None) is None:
         raise ValueError("model has no CLS token; SGM needs the CLS token of each block")
+    if getattr(net, "pos_embed", None) is None:
+        raise ValueError("model has no absolute position embedding (pos_embed); SGM expects a DINOv2-style ViT")
     patch = net.patch_embed.patch_size
     patch = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
     if image_size % patch:
         raise ValueError(f"image_size={image_size} must be a multiple of the patch size {patch}")
     fixed = getattr(net.patch_embed, "img_size", None)
     dynamic = getattr(net, "dynamic_img_size", False) or getattr(net.patch_embed, "dynamic_img_pad", False)
-    if not dynamic and fixed is not None and tuple(fixed) != (image_size, image_size):
+    if not fixed_size_ok and not dynamic and fixed is not None and tuple(fixed) != (image_size, image_size):
         raise ValueError(
             f"the DINOv2 model expects {tuple(fixed)} inputs but SGM resizes to {image_size}; build it with "
             f"img_size={image_size} or dynamic_img_size=True, or pass image_size={fixed[0]}"

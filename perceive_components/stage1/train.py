@@ -6,7 +6,9 @@ with one shared random window and flip, and minimises the three-way cross-entrop
     L = CE( s · v Tᵀ , [0]*B ⧺ [1]*B ⧺ [2]*B )     for the batch [I_d; I_m; I_g]
 
 with s the perceiver's fixed logit scale (≈ 100). CLIP is frozen and no gradient is needed w.r.t. the
-images, so image features are computed without autograd; only the text tower runs backward.
+images, so image features are computed without autograd; only the text tower runs backward. The crops
+reach CLIP through ``perceiver.encode_images``, i.e. the perceiver's own resize (antialiased or not, as its
+``resize_antialias`` records), so the prompts are trained with the preprocessing they are later used with.
 Defaults follow the authors: AdamW lr 4e-5, cosine to 1e-6 (they run 100,000 steps of 32 triplets).
 
 Runs are resumable: with ``checkpoint=`` the context, optimiser, scheduler and step are written
@@ -108,7 +110,8 @@ def train_prompts(
         perceiver: a :class:`QualityPerceiver` with its text encoder (not frozen by ``freeze_prompts``).
         triplets: dataset of dicts ``low``/``medium``/``high`` ``(3, H, W)`` in [0, 1] (+ optional ``task``).
         steps, batch_size: optimisation steps and triplets per step (3 × batch_size images).
-        crop_size: shared random crop (upscaled first if an image is smaller); use the CLIP input size.
+        crop_size: shared random crop (upscaled first if an image is smaller); use the CLIP input size (the
+            authors' 224) or the crops are resized by the perceiver's own preprocessing.
         task_balanced: equal share of each task in every batch (SPEC §1.3).
         checkpoint: file for resumable state; an existing file from the same run is resumed.
         amp_dtype: e.g. ``torch.bfloat16`` to run the text tower under autocast on GPU.
