@@ -87,11 +87,11 @@ def make_layout(stage1_data: Path, root: Path, eval_root: Path) -> list[tuple[st
 
 
 def make_proxy_cache(root: Path, cache_dir: Path, stage1_dir: Path, stage1_data: Path,
-                     restorer: Callable[[], nn.Module], device: str) -> dict[str, int]:
+                     restorer: Callable[[], nn.Module], device: str, crop_size: int) -> dict[str, int]:
     """Inputs + manifest by ``prepare_proxy_inputs.prepare``, then the stage-1 fold models render their folds."""
     inputs = cache_dir / INPUTS_FOLDER
     counts = prepare(root, inputs, layout="3task", noise_seed=NOISE_SEED, stage1_dir=str(stage1_dir),
-                     stage1_data=str(stage1_data))
+                     stage1_data=str(stage1_data), crop_size=crop_size)
     # prepare() finds the fold by the clean file's bytes; here every task uses the same clean images (in
     # different folds per task), so the fold is looked up by task and file name instead.
     folds = {(row["task"], Path(row["clean"]).name): row["fold"] for row in read_jsonl(stage1_dir / "pairs.jsonl")}
@@ -154,7 +154,8 @@ def run_stage2(out: Path, stage1_data: Path, stage1_dir: Path, restorer: Callabl
     print(f"8) stage-2 data: {len(HELD_OUT)} held-out images ({', '.join(HELD_OUT)}), the rest for training ...")
     specs = make_layout(stage1_data, root, eval_root)
     print("9) proxy negatives: each stage-1 fold model renders the fold it never trained on ...")
-    cache_counts = make_proxy_cache(root, cache_dir, stage1_dir, stage1_data, restorer, settings.device)
+    cache_counts = make_proxy_cache(root, cache_dir, stage1_dir, stage1_data, restorer, settings.device,
+                                    settings.crop_size)
     print(f"   {cache_counts['inputs']} training inputs rendered into {cache_dir} (slot {SLOT!r})")
     perceiver = QualityPerceiver.from_pretrained(out / "perceiver")  # the saved stage-1 perceiver, as users load it
     print(f"10) training {settings.backbone} for {settings.steps} steps twice: Perceive-IR (adapter + QualityAwareLoss,"

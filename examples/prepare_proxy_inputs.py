@@ -66,9 +66,12 @@ def stage1_folds(stage1_dir: Path, stage1_data: Path) -> tuple[dict[str, int], i
 
 def prepare(data: str | os.PathLike, out: str | os.PathLike, *, layout: str = "3task", noise_seed: int = 0,
             sigmas: Sequence[int] = NOISE_SIGMAS, stage1_dir: str | None = None, stage1_data: str | None = None,
-            folds: int = 2) -> dict[str, int]:
-    """Write the inputs, manifest and settings (module docstring); returns counts for the report."""
-    train_set = AllInOneTrainSet(data, layout, sigmas=sigmas, noise_seed=noise_seed)
+            folds: int = 2, crop_size: int = 256) -> dict[str, int]:
+    """Write the inputs, manifest and settings (module docstring); returns counts for the report.
+
+    ``crop_size``: the training crop; clean images smaller than it are resized to hold it before the noise
+    (the authors' rule), so the noisy inputs depend on it."""
+    train_set = AllInOneTrainSet(data, layout, sigmas=sigmas, noise_seed=noise_seed, crop_size=crop_size)
     out = Path(out)
     by_digest: dict[str, int] = {}
     if stage1_dir:
@@ -99,6 +102,7 @@ def prepare(data: str | os.PathLike, out: str | os.PathLike, *, layout: str = "3
     counts["inputs"] = len(rows)
     write_jsonl(out / "manifest.jsonl", rows)
     settings = {"layout": list(train_set.tasks), "sigmas": list(train_set.sigmas), "noise_seed": noise_seed,
+                "crop_size": crop_size,
                 "data": str(Path(data).resolve()), "folds": folds, **counts}
     with atomic_write(out / "settings.json") as tmp:
         tmp.write_text(json.dumps(settings, indent=2), encoding="utf-8")
@@ -115,13 +119,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
     parser.add_argument("--cache", required=True, help=f"render cache folder; inputs go to <cache>/{INPUTS_FOLDER}/")
     parser.add_argument("--noise-seed", type=int, default=0, help="seed of the fixed noise realisations")
     parser.add_argument("--sigmas", type=int, nargs="+", default=list(NOISE_SIGMAS))
+    parser.add_argument("--crop-size", type=int, default=256, help="the training --crop-size (small clean images "
+                        "are resized to hold it before the noise)")
     parser.add_argument("--stage1-dir", help="stage-1 output folder (pairs.jsonl with the folds)")
     parser.add_argument("--stage1-data", help="the stage-1 data root (pairs.jsonl paths are relative to it)")
     parser.add_argument("--folds", type=int, default=2, help="K when there is no --stage1-dir")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     counts = prepare(args.data, Path(args.cache) / INPUTS_FOLDER, layout=args.layout, noise_seed=args.noise_seed,
-                     sigmas=args.sigmas, stage1_dir=args.stage1_dir, stage1_data=args.stage1_data, folds=args.folds)
+                     sigmas=args.sigmas, stage1_dir=args.stage1_dir, stage1_data=args.stage1_data, folds=args.folds,
+                     crop_size=args.crop_size)
     print(json.dumps(counts))
     return counts
 

@@ -1,11 +1,11 @@
-"""Standard 3-task/5-task data layouts, synthetic noise, task resampling, crop/flip records and positives."""
+"""Standard 3-task/5-task data layouts, synthetic noise, task resampling, crop geometry records and positives."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from data_factory import make_layout
-from perceive_components.data.crops import crop_flip, random_box, random_flip
+from perceive_components.data import CropFlip, fit_image
 from perceive_components.data.layouts import (DEFAULT_REPEATS, TASK_LABELS, AllInOneTrainSet, fixed_noisy,
                                               standard_test_sets)
 from perceive_components.data.pairing import LayoutError
@@ -48,37 +48,73 @@ def test_items_are_aligned_crops_with_records_that_recut_the_source(five_task_ro
         assert item["task"] == TASK_LABELS[pair.task] and item["sigma"] == 0
         assert item["path"] == pair.key and (five_task_root / "train" / item["path"]).is_file()
         source, clean = read_image(pair.degraded), read_image(pair.clean)
-        assert torch.equal(item["degraded"], crop_flip(source, item["box"], item["flip"]))
-        assert torch.equal(item["target"], crop_flip(clean, item["box"], item["flip"]))
-        assert torch.equal(item["positive"], crop_flip(source, item["positive_box"], item["positive_flip"]))
+        crop, positive_crop = CropFlip.from_tensor(item["crop"]), CropFlip.from_tensor(item["positive_crop"])
+        assert torch.equal(item["degraded"], crop.apply(source)) and crop.image_size == (24, 28)
+        assert torch.equal(item["target"], crop.apply(clean))
+        assert torch.equal(item["positive"], positive_crop.apply(source))
         assert torch.equal(dataset.degraded_image(item["path"]), source)  # what a render cache would render
     assert draw(dataset, 36)["path"] == "haze/hazy/0001_0.8_0.2.png" and dataset.locate(36).clean.name == "0001.png"
     assert draw(dataset, 37)["path"] == "haze/hazy/part2/0002_0.9_0.1.png" and dataset.locate(37).clean.name == "0002.png"
     batch = torch.utils.data.default_collate([draw(dataset, 36, s) for s in range(3)])
-    assert batch["degraded"].shape == (3, 3, 16, 16) and batch["box"].shape == (3, 4) and batch["flip"].dtype == torch.bool
+    assert batch["degraded"].shape == (3, 3, 16, 16) and batch["crop"].shape == (3, 12)
+    assert [c.image_size for c in CropFlip.from_tensor(batch["crop"])] == [(24, 28)] * 3
 
 
-def test_synthetic_noise_levels_one_task_and_the_same_realisation_for_the_positive(five_task_root):
+def test_sigma_is_the_entrys_as_in_the_authors_epoch(five_task_root):
+    dataset = AllInOneTrainSet(five_task_root, "3task", crop_size=8)   # 3 noise images, repeat 12, 3 σ's
+    per_image = {}
+    for index in range(dataset.counts()["noise"][1]):
+        item = draw(dataset, index, seed=index)
+        per_image.setdefault(dataset.locate(index).key, []).append(item["sigma"])
+        assert item["path"] == f"noise/sigma{item['sigma']}/{dataset.locate(index).key.rsplit('/', 1)[1]}"
+    assert len(per_image) == 3
+    assert all(sorted(sigmas) == [15] * 4 + [25] * 4 + [50] * 4 for sigmas in per_image.values())  # 12 = 4 × 3
+    assert draw(dataset, 5, seed=0)["sigma"] == draw(dataset, 5, seed=1)["sigma"]                 # not drawn
+    odd = AllInOneTrainSet(five_task_root, "3task", crop_size=8, repeats={"noise": 1})             # σ's rotate
+    assert sorted(draw(odd, index)["sigma"] for index in range(3)) == [15, 25, 50]
+    per_draw = AllInOneTrainSet(five_task_root, "3task", crop_size=8, sigma_draw="per_draw")
+    assert {draw(per_draw, 0, seed)["sigma"] for seed in range(30)} == {15, 25, 50}
+    with pytest.raises(ValueError, match="sigma_draw must be one of"):
+        AllInOneTrainSet(five_task_root, "3task", sigma_draw="random")
+
+
+def test_synthetic_noise_is_one_task_and_the_positive_sees_the_same_realisation(five_task_root):
     dataset = AllInOneTrainSet(five_task_root, "3task", crop_size=24, flips=False)  # crop = whole 24×28 height
-    sigmas, labels, same_crops = set(), set(), 0
+    labels, same_crops = set(), 0
     for seed in range(30):
-        item = draw(dataset, 0, seed)
-        sigmas.add(item["sigma"])
+        item = draw(dataset, seed % 9, seed)
         labels.add(item["task"])
-        assert item["path"] == f"noise/sigma{item['sigma']}/img0.png"
+        crop, positive_crop = CropFlip.from_tensor(item["crop"]), CropFlip.from_tensor(item["positive_crop"])
         residual = item["degraded"] - item["target"]
-        if item["box"][1] == item["positive_box"][1]:  # both crops cover the same pixels: the same noisy values
+        if crop.left == positive_crop.left:  # both crops cover the same pixels: the same noisy values
             assert torch.equal(item["degraded"], item["positive"])
             same_crops += 1
         else:
-            shift = int(item["positive_box"][1] - item["box"][1])  # overlapping columns agree too
+            shift = positive_crop.left - crop.left  # overlapping columns agree too
             left, right = (item["degraded"], item["positive"]) if shift > 0 else (item["positive"], item["degraded"])
             assert torch.equal(left[..., abs(shift):], right[..., : 24 - abs(shift)])
         assert residual.abs().max() <= item["sigma"] / 255 * 6
-    assert sigmas == {15, 25, 50} and labels == {TASK_LABELS["noise"]} and same_crops > 0
+    assert labels == {TASK_LABELS["noise"]} and same_crops > 0
     # a draw is a pure function of its seed (exact resume); another seed gives other noise
     assert torch.equal(draw(dataset, 0, 7)["degraded"], draw(dataset, 0, 7)["degraded"])
     assert not torch.equal(draw(dataset, 0, 7)["degraded"], draw(dataset, 0, 8)["degraded"])
+
+
+def test_small_images_are_resized_like_the_authors_before_the_noise(five_task_root):
+    dataset = AllInOneTrainSet(five_task_root, "3task", crop_size=32, noise_seed=3)   # images are 24×28
+    noisy = draw(dataset, 0)
+    crop = CropFlip.from_tensor(noisy["crop"])
+    assert crop.image_size == (32, 37) and crop.resize is None        # the noise was made on the resized image
+    clean = fit_image(read_image(dataset.locate(0).clean), 32)
+    assert torch.equal(noisy["target"], crop.apply(clean))
+    assert torch.equal(noisy["degraded"], crop.apply(dataset.degraded_image(noisy["path"])))
+    rain = draw(dataset, len(dataset) - 1)
+    crop = CropFlip.from_tensor(rain["crop"])
+    assert crop.image_size == (24, 28) and crop.resize == (32, 37)    # a file: resized inside the geometry
+    assert torch.equal(rain["degraded"], crop.apply(read_image(dataset.locate(len(dataset) - 1).degraded)))
+    padded = AllInOneTrainSet(five_task_root, "3task", crop_size=32, small_image="symmetric")
+    crop = CropFlip.from_tensor(draw(padded, len(padded) - 1)["crop"])
+    assert crop.resize is None and crop.padding == "symmetric" and crop.image_size == (24, 28)
 
 
 def test_noise_statistics_match_sigma():
@@ -97,20 +133,7 @@ def test_fixed_noise_makes_noisy_images_cacheable(five_task_root):
     assert len(fixed.cache_keys()) == 3 * 3 + 2 + 2
     item = draw(fixed, 1, seed=3)
     full = fixed.degraded_image(item["path"])
-    assert torch.equal(item["degraded"], crop_flip(full, item["box"], item["flip"]))
-
-
-def test_crop_flip_records_pad_small_images_and_batch():
-    image = torch.rand(3, 10, 12)
-    box = random_box(10, 12, 16, torch.Generator().manual_seed(0))
-    assert box == (0, 0, 16, 16)
-    out = crop_flip(image, box, (True, False))
-    assert out.shape == (3, 16, 16) and torch.equal(out[:, :10, 4:], image.flip(-1))  # reflect-padded bottom/right
-    batch = torch.rand(2, 3, 20, 20)
-    assert torch.equal(crop_flip(batch, (2, 3, 8, 8), (False, True))[1], crop_flip(batch[1], (2, 3, 8, 8), (False, True)))
-    assert random_flip(enabled=False) == (False, False)
-    with pytest.raises(ValueError, match="box must be"):
-        crop_flip(image, (0, 0, 0, 4), (False, False))
+    assert torch.equal(item["degraded"], CropFlip.from_tensor(item["crop"]).apply(full))
 
 
 def test_test_sets_follow_spec_names(five_task_root):

@@ -1,5 +1,6 @@
 """Proxy negatives: online proxies (task masks, frozen, no grad), the render cache (tiled, resumable,
-atomic, aligned read-back with crops and flips, validity, clear errors) and the ``cache`` CLI."""
+atomic, aligned read-back with crops and flips, validity, input fingerprints, clear errors), the batch helpers
+(merge, K = 0), folder-per-task items, the shared task vocabulary and the ``cache`` CLI."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from perceive_components.data import STANDARD_TASKS, TaskVocabulary
 from perceive_components.losses import DifficultyAdaptivePerceptualLoss
 from perceive_components.negatives import (
     CacheItem,
@@ -18,9 +20,14 @@ from perceive_components.negatives import (
     RenderCache,
     items_from_folder,
     items_from_manifest,
+    items_from_task_folders,
+    merge_negatives,
+    model_fingerprint,
+    no_negatives,
+    task_folder_key,
 )
 from perceive_components.negatives.cli import register
-from perceive_components.ops.io import write_image
+from perceive_components.ops.io import read_image, write_image
 from perceive_components.ops.metrics import quantize_8bit
 
 QUANT = 0.5 / 255 + 1e-6  # 8-bit files: at most half a level of rounding
@@ -315,10 +322,179 @@ def _restore_import_path():
     sys.modules.pop("myproxies", None)
 
 
-def test_docs_example_runs():
-    import re
-    from pathlib import Path
+# ----------------------------------------------------------------------------------------------- fingerprints
+def test_model_fingerprint_handles_batchnorm_counters():
+    proxy = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Sigmoid())
+    assert proxy.state_dict()["1.num_batches_tracked"].ndim == 0
+    before = model_fingerprint(proxy)
+    proxy.train()(rand_images(2, 3, 8, 8))                      # updates the running statistics and the counter
+    assert len(before) == 16 and model_fingerprint(proxy) != before
 
-    text = (Path(__file__).parents[1] / "docs" / "negatives.md").read_text(encoding="utf-8")
-    code = re.search(r"<!-- example: render-cache -->\s*```python\n(.*?)```", text, re.S).group(1)
-    exec(compile(code, "docs/negatives.md", "exec"), {})
+
+def two_rain_sets(tmp_path):
+    """Rain100L and Rain100H share file names and sizes; their pixels differ."""
+    roots = {}
+    for seed, name in enumerate(("Rain100L", "Rain100H")):
+        roots[name] = tmp_path / name
+        for index in (1, 2):
+            write_image(roots[name] / f"rain-00{index}.png", rand_images(3, 20, 24, seed=10 * seed + index))
+    return roots
+
+
+def test_a_cache_of_another_data_set_with_the_same_names_is_refused(tmp_path):
+    roots = two_rain_sets(tmp_path)
+    light, heavy = (items_from_folder(roots[name], task="rain") for name in ("Rain100L", "Rain100H"))
+    assert [i.key for i in light] == [i.key for i in heavy] == ["rain-001.png", "rain-002.png"]
+    cache = RenderCache(tmp_path / "cache", create=True)
+    cache.render("p", Pointwise(), light, progress=False)
+    cache.verify(light)
+    with pytest.raises(ValueError, match=r"(?s)slot 'p': 2 stale: rain-001.png, rain-002.png.*--overwrite"):
+        cache.verify(heavy)
+    stamp = cache.entry_path("p", "rain-001.png").stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"2 existing entries were rendered from other input pixels.*overwrite=True"):
+        cache.render("p", Pointwise(), heavy, progress=False)
+    assert cache.entry_path("p", "rain-001.png").stat().st_mtime_ns == stamp   # nothing was rendered
+    assert cache.render("p", Pointwise(), heavy, overwrite=True, progress=False)["rendered"] == 2
+    cache.verify(heavy)
+    negatives, _ = cache.read("rain-001.png", "rain", CropFlip.full(20, 24))
+    torch.testing.assert_close(negatives[0], expected_render(Pointwise(), heavy[0].path))
+
+
+def test_verify_lists_missing_and_unverified_entries_and_reads_inputs_given_in_memory(tmp_path, dataset):
+    root, manifest = dataset
+    items = items_from_manifest(manifest, root)
+    cache = RenderCache(tmp_path / "cache", create=True)
+    cache.render("p", Pointwise(), items[:2], progress=False)
+    with pytest.raises(ValueError, match=r"slot 'p': 1 missing: noise/c.png"):
+        cache.verify(items)
+    pixels = {item.key: read_image(item.path) for item in items[:2]}
+    cache.verify(items[:2], read=lambda item: pixels[item.key])       # e.g. a data set's synthesised inputs
+    pixels["rain/a.png"] = pixels["rain/a.png"].flip(-1)
+    assert cache.problems(items[:2], read=lambda item: pixels[item.key])["p"]["stale"] == ["rain/a.png"]
+    (tmp_path / "cache" / "p" / "inputs.jsonl").unlink()              # an older cache: no input fingerprints
+    with pytest.raises(ValueError, match=r"2 unverified"):
+        cache.verify(items[:2])
+    with pytest.raises(ValueError, match="before input fingerprints were recorded"):
+        cache.render("p", Pointwise(), items[:2], progress=False)
+
+
+def test_a_log_line_cut_by_a_crash_is_skipped(tmp_path, dataset):
+    root, manifest = dataset
+    items = items_from_manifest(manifest, root)
+    cache = RenderCache(tmp_path / "cache", create=True)
+    cache.render("p", Pointwise(), items[:1], progress=False)
+    with open(tmp_path / "cache" / "p" / "inputs.jsonl", "a", encoding="utf-8") as handle:
+        handle.write('{"key": "rain/sub/b.png", "inp')                # no newline: the process died here
+    assert cache.render("p", Pointwise(), items, progress=False) == {"rendered": 2, "skipped": 1, "not_covered": 0}
+    cache.verify(items)
+
+
+def test_cli_rerun_over_changed_inputs_stops_and_inspect_lists_them(tmp_path, capsys):
+    roots = two_rain_sets(tmp_path)
+    (tmp_path / "myproxies.py").write_text(PROXY_FILE)
+    model = ["--slot", "mix", "--model", f"{tmp_path / 'myproxies.py'}:build", "--device", "cpu", "--task", "rain"]
+    light = ["--cache", str(tmp_path / "cache"), "--input-root", str(roots["Rain100L"])]
+    heavy = ["--cache", str(tmp_path / "cache"), "--input-root", str(roots["Rain100H"])]
+    assert _cli(["cache", "render", *light, *model]) == 0
+    with pytest.raises(ValueError, match="--overwrite"):
+        _cli(["cache", "render", *heavy, *model])
+    capsys.readouterr()
+    assert _cli(["cache", "inspect", *heavy, "--task", "rain"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["stale"]["mix"]["count"] == 2 and report["missing"]["mix"]["count"] == 0
+    assert _cli(["cache", "render", *heavy, *model, "--overwrite"]) == 0
+    capsys.readouterr()
+    assert _cli(["cache", "inspect", *heavy, "--task", "rain"]) == 0
+
+
+# ----------------------------------------------------------------------------------------------- batch helpers
+def test_read_without_a_crop_for_an_uncovered_sample(tmp_path, dataset):
+    root, manifest = dataset
+    cache = RenderCache(tmp_path / "cache", create=True)
+    cache.render("derain", Pointwise(), items_from_manifest(manifest, root), tasks=["rain"], progress=False)
+    negatives, valid = cache.read("noise/c.png", "noise", size=(8, 6))
+    assert negatives.shape == (1, 3, 8, 6) and not valid.any() and not negatives.any()
+    with pytest.raises(ValueError, match=r"slot\(s\) \['derain'\] cover task 'rain'.*pass the sample's crop"):
+        cache.read("rain/a.png", "rain", size=(8, 6))
+    with pytest.raises(ValueError, match="needs the sample's crop"):
+        cache.read("noise/c.png", "noise")
+    with pytest.raises(ValueError, match="differs from the crop's output size"):
+        cache.read("noise/c.png", "noise", CropFlip(0, 0, 8, 8), size=(8, 6))
+
+
+def test_cached_and_online_negatives_merge_into_one_batch(tmp_path, dataset):
+    root, manifest = dataset
+    items = items_from_manifest(manifest, root)
+    cache = RenderCache(tmp_path / "cache", create=True)
+    cache.render("derain", Pointwise(1), items, tasks=["rain"], progress=False)
+    crops = [CropFlip(0, 0, 16, 16, hflip=True)] * 3
+    cached = cache.read_batch([i.key for i in items], [i.task for i in items], crops)
+    degraded = torch.stack([crop.apply(read_image(i.path)) for crop, i in zip(crops, items)])
+    proxies = ProxyNegatives({"a": Pointwise(2), "b": Pointwise(3)}, tasks={"b": ["noise"]})
+    online = proxies(degraded, ["rain", "rain", "noise"])
+    negatives, mask = merge_negatives(cached, online)
+    assert negatives.shape == (3, 3, 3, 16, 16) and mask.tolist() == [[True, True, False], [True, True, False],
+                                                                       [False, True, True]]
+    assert torch.equal(negatives[:, :1], cached[0]) and torch.equal(negatives[:, 1:], online[0])
+    with pytest.raises(ValueError, match="part 1 has negatives"):
+        merge_negatives(cached, (online[0][:2], online[1][:2]))
+    with pytest.raises(ValueError, match="part 1: mask must be a bool tensor"):
+        merge_negatives(cached, (online[0], online[1].float()))
+    with pytest.raises(ValueError, match="at least one"):
+        merge_negatives()
+
+
+def test_no_proxies_batch_format_k0_is_accepted_by_the_losses():
+    from perceive_components.losses import QualityAwareLoss
+    from perceive_components.tiny import tiny_vgg
+
+    restored, gt, degraded = (rand_images(2, 3, 16, 16, seed=s) for s in range(3))
+    negatives, mask = no_negatives(2, (16, 16))
+    assert negatives.shape == (2, 0, 3, 16, 16) and mask.shape == (2, 0) and mask.dtype == torch.bool
+    perceptual = DifficultyAdaptivePerceptualLoss(tiny_vgg(), pretrained=False)
+    assert torch.equal(perceptual(restored, gt, degraded, negatives, mask), perceptual(restored, gt, degraded))
+    criterion = QualityAwareLoss(None, tiny_vgg(), vgg_pretrained=False, clip_weight=0)
+    total, _ = criterion(restored, gt, degraded, negatives, mask)
+    assert torch.equal(total, criterion(restored, gt, degraded)[0])
+    with pytest.raises(ValueError, match=r"mask must have shape \(B, K\) = \(2, 0\)"):
+        perceptual(restored, gt, degraded, negatives, torch.zeros(2, 1, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------------------------- folder per task
+def test_folder_per_task_keys_do_not_collide_and_match_the_data_sets_key(tmp_path):
+    roots = two_rain_sets(tmp_path)
+    items = items_from_task_folders({"rain": roots["Rain100L"], "haze": roots["Rain100H"]})
+    assert [i.key for i in items] == ["rain/rain-001.png", "rain/rain-002.png", "haze/rain-001.png",
+                                      "haze/rain-002.png"]
+    assert [i.task for i in items] == ["rain", "rain", "haze", "haze"]
+    path = roots["Rain100H"] / "rain-002.png"
+    key = task_folder_key("haze", path.relative_to(roots["Rain100H"]))   # what the data set computes
+    cache = RenderCache(tmp_path / "cache", create=True)
+    cache.render("p", Pointwise(), items, progress=False)
+    negatives, _ = cache.read(key, "haze", CropFlip.full(20, 24))
+    torch.testing.assert_close(negatives[0], expected_render(Pointwise(), path))
+    with pytest.raises(ValueError, match="task must be a non-empty name without '/'"):
+        task_folder_key("a/b", "x.png")
+    with pytest.raises(ValueError, match="must lie inside the task's folder"):
+        task_folder_key("rain", "../x.png")
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        items_from_task_folders({})
+
+
+def test_the_cache_speaks_the_shared_task_vocabulary(tmp_path, dataset):
+    root, manifest = dataset
+    items = items_from_manifest(manifest, root)
+    cache = RenderCache(tmp_path / "cache", create=True)
+    cache.render("derain", Pointwise(), items, tasks=["derain"], progress=False)     # an alias of "rain"
+    assert cache.slot_config("derain")["tasks"] == ["rain"]
+    for task in ("rain", "derain", STANDARD_TASKS.id("rain")):
+        assert cache.read("rain/a.png", task, CropFlip(0, 0, 8, 8))[1].tolist() == [True]
+    assert cache.read("noise/c.png", STANDARD_TASKS.id("denoise_25"), size=(8, 8))[1].tolist() == [False]
+    crop = CropFlip(1, 1, 8, 8).as_tensor()
+    batch = torch.utils.data.default_collate([{"task": STANDARD_TASKS.id(i.task), "crop": crop} for i in items])
+    _, mask = cache.read_batch([i.key for i in items], batch["task"], batch["crop"])
+    assert mask.tolist() == [[True], [True], [False]]
+    with pytest.raises(ValueError, match="unknown task 'snow'"):
+        cache.render("snow", Pointwise(), items, tasks=["snow"], progress=False)
+    own = RenderCache(tmp_path / "cache", vocabulary=TaskVocabulary(["rain", "noise"]))
+    assert own.read("rain/a.png", 0, CropFlip(0, 0, 8, 8))[1].tolist() == [True]

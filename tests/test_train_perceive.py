@@ -83,7 +83,7 @@ def cache(tmp_path_factory, data, stage1) -> Path:
     'stage1', a haze-only user restorer in slot 'extra', and an identity 'proxy' (checks the alignment)."""
     root = tmp_path_factory.mktemp("cache")
     prepare_proxy_inputs.main(["--data", str(data), "--cache", str(root), "--noise-seed", str(NOISE_SEED),
-                               "--stage1-dir", str(stage1["dir"]), "--stage1-data", str(stage1["data"])])
+                               "--crop-size", "32", "--stage1-dir", str(stage1["dir"]), "--stage1-data", str(stage1["data"])])
     inputs = ["--input-root", str(root / "inputs"), "--manifest", str(root / "inputs" / "manifest.jsonl")]
     for fold in (0, 1):
         render("--cache", str(root), "--slot", "stage1", "--model", "examples.backbones:create_backbone",

@@ -7,10 +7,9 @@ has one realisation, which ``examples/prepare_proxy_inputs.py`` writes losslessl
 ``noise/sigma25/x.png`` stays, ``noise/sigma25/x.jpg`` becomes ``noise/sigma25/x.jpg.png``) so that
 ``perceive-ir cache render`` can render it.
 
-**Alignment.** An item records its crop box ``(y, x, h, w)`` and flips ``(horizontal, vertical)``. A box
-inside the image is read as a ``CropFlip`` (for ``npy`` caches only the box is read from disk). Images
-smaller than the crop (BSD400 is 180×180, the crop 256²) were padded by ``crop_flip``; their negatives are
-read whole and cut by that same function, so they are padded the same way.
+**Alignment.** An item records its crop geometry (``crop``: ``CropFlip.as_tensor()``), resize or padding of
+images smaller than the crop included; the cache reads the negatives with that same ``CropFlip`` (for ``npy``
+caches a box inside the image is read alone from disk).
 """
 from __future__ import annotations
 
@@ -22,7 +21,6 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from perceive_components.data.crops import crop_flip
 from perceive_components.data.layouts import TASK_LABELS, AllInOneTrainSet
 from perceive_components.negatives import CacheItem, CropFlip, RenderCache
 
@@ -45,27 +43,6 @@ def task_of_key(path: str) -> str:
     return path.partition("/")[0]
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(H, W) of an image file, from its header only."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        width, height = image.size
-    return height, width
-
-
-def read_aligned(cache: RenderCache, key: str, task: str, box: Sequence[int], flip: Sequence[bool],
-                 size: tuple[int, int], slots: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Negatives ``(K, 3, h, w)`` of input ``key`` cut with the item's box and flips, and ``valid (K,)``."""
-    y, x, h, w = (int(v) for v in box)
-    horizontal, vertical = (bool(v) for v in flip)
-    height, width = size
-    if y + h <= height and x + w <= width:
-        return cache.read(key, task, CropFlip(y, x, h, w, horizontal, vertical), slots=slots, image_size=size)
-    whole, valid = cache.read(key, task, CropFlip.full(height, width), slots=slots, image_size=size)
-    return crop_flip(whole, box, flip), valid
-
-
 class CachedNegatives(Dataset):
     """Items of ``train_set`` plus ``negatives (K, 3, h, w)`` and ``negative_mask (K,)`` from ``cache``.
 
@@ -85,11 +62,8 @@ class CachedNegatives(Dataset):
 
     def sample(self, index: int, generator: torch.Generator) -> dict[str, Any]:
         item = self.train_set.sample(index, generator)
-        pair = self.train_set.locate(index)
-        size = image_size(pair.degraded if pair.degraded is not None else pair.clean)
-        item["negatives"], item["negative_mask"] = read_aligned(
-            self.cache, cache_key(item["path"]), TASK_NAMES[item["task"]], item["box"], item["flip"], size,
-            self.slots)
+        item["negatives"], item["negative_mask"] = self.cache.read(
+            cache_key(item["path"]), TASK_NAMES[item["task"]], CropFlip.from_tensor(item["crop"]), slots=self.slots)
         return item
 
 
@@ -132,6 +106,8 @@ def open_proxy_cache(root: str | Path, train_set: AllInOneTrainSet, slots: Seque
                          f"check --data/--layout/--noise-seed; `perceive-ir cache inspect --cache {root} "
                          f"--input-root {Path(root) / INPUTS_FOLDER} --manifest "
                          f"{Path(root) / INPUTS_FOLDER / 'manifest.jsonl'}` lists them")
+    source_key = {cache_key(key): key for key in keys}  # rendered from the same pixels the training set draws?
+    cache.verify(items, slots=names, read=lambda item: train_set.degraded_image(source_key[item.key]))
     return cache, names
 
 

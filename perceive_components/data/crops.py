@@ -1,14 +1,17 @@
-"""Random crops and flips as explicit parameters, so they can be re-applied to other images.
+"""The geometry of a training crop as a value, so that it can be re-applied to other images.
 
-A training sample records the crop box ``(y, x, h, w)`` and the flip flags ``(horizontal, vertical)``
-it was cut with. ``CropFlip`` is that geometry as a value (box, flips, optional quarter turns) and the one
-implementation of it: ``crop_flip(image, box, flip)`` applies it to the degraded image and its target
-(padding small images), and a render cache applies the same ``CropFlip`` to a proxy's stored output of
+``CropFlip`` records everything that turns a whole image into a training crop: an optional resize of the
+whole image (images smaller than the crop, the authors' rule) or a padding mode, the crop box, then a
+horizontal flip, a vertical flip and ``rot90`` counter-clockwise quarter turns. A data set applies one to
+the degraded image and its target; a render cache applies the same value to a proxy's stored output of
 the same degraded image, which is then aligned pixel for pixel with the training crop.
 
-Order: pad (only if the box reaches past the image) → crop → horizontal flip → vertical flip.
-Images smaller than the crop are padded at the bottom/right by reflection (replication where the
-image is too small to reflect), so the same box gives the same pixels on any image of that size.
+Order of ``apply``: check the image size → resize → pad (bottom/right, only as far as the box reaches) →
+crop → horizontal flip → vertical flip → quarter turns.
+
+The field's augmentation conventions map onto it exactly (``from_dihedral_mode``, ``from_basicsr``;
+``centre_crop_to_multiple`` for PromptIR's ``crop_img`` offset); ``tests/test_crops.py`` checks each mapping
+against the upstream NumPy operations.
 """
 from __future__ import annotations
 
@@ -17,45 +20,36 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from .fitting import PADDINGS, check_padding, pad_to, resize_bicubic_8bit
 
 Box = tuple[int, int, int, int]
-Flip = tuple[bool, bool]
+_NO_VALUE = -1  # tensor encoding of a field that is None
+ENCODED_LENGTH = 12
 
 
-def _randint(high: int, generator: torch.Generator | None) -> int:
-    """Uniform integer in [0, high)."""
-    return int(torch.randint(high, (1,), generator=generator).item())
-
-
-def random_box(height: int, width: int, size: int, generator: torch.Generator | None = None) -> Box:
-    """A uniformly placed ``size × size`` box ``(y, x, size, size)`` in an image of ``height × width``.
-
-    If the image is smaller than ``size`` along an axis, the box starts at 0 on that axis (the image is
-    padded by ``crop_flip``).
-    """
-    if size <= 0:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
-    y = _randint(height - size + 1, generator) if height > size else 0
-    x = _randint(width - size + 1, generator) if width > size else 0
-    return (y, x, size, size)
-
-
-def random_flip(generator: torch.Generator | None = None, enabled: bool = True) -> Flip:
-    """Independent fair coin flips ``(horizontal, vertical)``; ``(False, False)`` when disabled."""
-    if not enabled:
-        return (False, False)
-    coins = torch.randint(2, (2,), generator=generator).tolist()
-    return (bool(coins[0]), bool(coins[1]))
+def _pair(value: Sequence[int] | None, name: str) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    pair = tuple(int(v) for v in value)
+    if len(pair) != 2 or min(pair) <= 0:
+        raise ValueError(f"{name} must be (height, width) with positive sides, got {value!r}")
+    return pair
 
 
 @dataclass(frozen=True)
 class CropFlip:
-    """A box (top, left, height, width) in the full image, then an optional horizontal flip, vertical flip
-    and ``rot90`` quarter turns (counter-clockwise), in that order. A data set draws one per sample
-    (``CropFlip.random``) and applies it to the degraded image, the ground truth and the proxy negatives
-    read from the render cache, so all of them stay pixel-aligned. ``apply`` needs the box inside the image;
-    ``crop_flip`` pads images smaller than the box first."""
+    """Box ``(top, left, height, width)``, flips, quarter turns, and how the whole image is prepared.
+
+    Attributes:
+        hflip, vflip: flip left-right (``np.fliplr``), then top-bottom (``np.flipud``).
+        rot90: counter-clockwise quarter turns after the flips (``np.rot90`` / ``torch.rot90`` on (H, W)).
+        padding: ``None`` (the box must lie inside the image) or one of ``PADDINGS``: the box may reach past the
+            bottom/right edge and the image is padded that way (``fitting.pad_to``).
+        resize: ``(H', W')`` the whole image is resized to first (``fitting.resize_bicubic_8bit``), or ``None``.
+        image_size: ``(H, W)`` of the whole image this geometry was drawn for; ``apply`` refuses another size
+            (e.g. a stale render-cache entry). ``None``: not checked.
+    """
 
     top: int
     left: int
@@ -64,6 +58,9 @@ class CropFlip:
     hflip: bool = False
     vflip: bool = False
     rot90: int = 0
+    padding: str | None = None
+    resize: tuple[int, int] | None = None
+    image_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if min(self.top, self.left) < 0 or min(self.height, self.width) <= 0:
@@ -71,17 +68,25 @@ class CropFlip:
                              f"{(self.top, self.left, self.height, self.width)}")
         if self.rot90 not in (0, 1, 2, 3):
             raise ValueError(f"rot90 must be 0, 1, 2 or 3 quarter turns, got {self.rot90!r}")
+        if self.padding is not None:
+            check_padding(self.padding)
+        object.__setattr__(self, "resize", _pair(self.resize, "resize"))
+        object.__setattr__(self, "image_size", _pair(self.image_size, "image_size"))
 
+    # ------------------------------------------------------------------ constructors
     @classmethod
     def full(cls, height: int, width: int) -> "CropFlip":
         """The whole image, unflipped."""
-        return cls(0, 0, height, width)
+        return cls(0, 0, height, width, image_size=(height, width))
 
     @classmethod
     def random(cls, image_size: tuple[int, int], crop_size: int | tuple[int, int], *, flips: bool = True,
                rotations: bool = False, generator: torch.Generator | None = None) -> "CropFlip":
-        """A uniformly random box of ``crop_size`` inside ``image_size`` (H, W), with random flips/turns."""
-        height, width = image_size
+        """A uniformly random box of ``crop_size`` inside ``image_size`` (H, W), with random flips/turns.
+
+        Draws, in order: top, left, then (if ``flips``) horizontal and vertical coins, then (if ``rotations``)
+        the quarter turns. Images smaller than the crop: use ``paired_crops``, which resizes or pads them."""
+        height, width = (int(v) for v in image_size)
         crop_h, crop_w = (crop_size, crop_size) if isinstance(crop_size, int) else crop_size
         if crop_h > height or crop_w > width:
             raise ValueError(f"crop_size {crop_h}×{crop_w} does not fit in an image of {height}×{width}")
@@ -89,19 +94,67 @@ class CropFlip:
         def draw(high: int) -> int:
             return int(torch.randint(0, high, (), generator=generator))
 
-        return cls(draw(height - crop_h + 1), draw(width - crop_w + 1), crop_h, crop_w,
-                   hflip=flips and bool(draw(2)), vflip=flips and bool(draw(2)), rot90=draw(4) if rotations else 0)
+        top, left = draw(height - crop_h + 1), draw(width - crop_w + 1)
+        hflip, vflip = (bool(draw(2)), bool(draw(2))) if flips else (False, False)
+        return cls(top, left, crop_h, crop_w, hflip, vflip, draw(4) if rotations else 0, image_size=(height, width))
+
+    @classmethod
+    def from_dihedral_mode(cls, box: Sequence[int], mode: int, **geometry) -> "CropFlip":
+        """The crop ``box`` followed by ``data_augmentation(patch, mode)`` of AirNet, PromptIR, AdaIR, MoCE-IR and
+        Restormer (mode 0..7; their ``random_augmentation`` draws ``randint(1, 7)``, Restormer's ``randint(0, 7)``).
+
+        Upstream, mode m turns the patch by k = m // 2 counter-clockwise quarter turns (``np.rot90(patch, k)``)
+        and then, for odd m, flips it top-bottom (``np.flipud``). Since flipud ∘ rot_k = rot_{−k} ∘ flipud, that
+        is: ``vflip = m odd``, ``rot90 = (−k) mod 4`` for odd m and ``k`` for even m. ``geometry``: the other
+        fields (``padding``, ``resize``, ``image_size``)."""
+        if isinstance(mode, bool) or int(mode) != mode or not 0 <= mode <= 7:
+            raise ValueError(f"mode must be an integer 0..7 (data_augmentation's mode), got {mode!r}")
+        turns, flipud = int(mode) // 2, bool(mode % 2)
+        return cls(*(int(v) for v in box), hflip=False, vflip=flipud, rot90=(-turns) % 4 if flipud else turns,
+                   **geometry)
+
+    @classmethod
+    def from_basicsr(cls, box: Sequence[int], hflip: bool, vflip: bool, rot90: bool, **geometry) -> "CropFlip":
+        """The crop ``box`` followed by BasicSR's ``augment(imgs, hflip, rotation, return_status=True)`` status
+        ``(hflip, vflip, rot90)``: ``cv2.flip(img, 1)``, ``cv2.flip(img, 0)``, then ``img.transpose(1, 0, 2)``.
+
+        BasicSR's "rot90" is a transpose, not a quarter turn: transpose = rot_3 ∘ flipud (flip top-bottom, then
+        three counter-clockwise turns), so after the two flags it adds one more vertical flip and three turns.
+        ``geometry``: the other fields (``padding``, ``resize``, ``image_size``)."""
+        hflip, vflip, transpose = bool(hflip), bool(vflip), bool(rot90)
+        return cls(*(int(v) for v in box), hflip=hflip, vflip=vflip != transpose, rot90=3 if transpose else 0,
+                   **geometry)
+
+    # ------------------------------------------------------------------ applying
+    def frame_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(H, W) of the image the box is cut from: after the resize, before the padding."""
+        return self.resize if self.resize is not None else tuple(image_size)
 
     def check(self, image_size: tuple[int, int], name: str = "image") -> None:
-        """Raise ``ValueError`` unless the box lies inside an image of ``image_size`` (H, W)."""
-        height, width = image_size
-        if self.top + self.height > height or self.left + self.width > width:
-            raise ValueError(f"crop {self.top}:{self.top + self.height} × {self.left}:{self.left + self.width} "
-                             f"does not fit in {name} of size {height}×{width}")
+        """Raise ``ValueError`` unless this geometry can be applied to an image of ``image_size`` (H, W)."""
+        image_size = tuple(int(v) for v in image_size)
+        if self.image_size is not None and image_size != self.image_size:
+            raise ValueError(f"{name} has size {image_size[0]}×{image_size[1]} but this crop was drawn for an image "
+                             f"of {self.image_size[0]}×{self.image_size[1]} (a stale render or another image)")
+        height, width = self.frame_size(image_size)
+        bottom, right = self.top + self.height, self.left + self.width
+        if self.padding is None and (bottom > height or right > width):
+            raise ValueError(f"crop {self.top}:{bottom} × {self.left}:{right} does not fit in {name} of size "
+                             f"{height}×{width} (set padding= to pad images smaller than the crop)")
+        if self.top >= height or self.left >= width:
+            raise ValueError(f"crop {self.top}:{bottom} × {self.left}:{right} starts outside {name} of size "
+                             f"{height}×{width}")
+
+    def inside(self, image_size: tuple[int, int]) -> bool:
+        """True when the box lies inside an unresized image of ``image_size``: a plain slice, no resize or pad."""
+        fits = self.top + self.height <= image_size[0] and self.left + self.width <= image_size[1]
+        return self.resize is None and fits
 
     def crop_array(self, array: np.ndarray) -> np.ndarray:
-        """Crop an ``(H, W, C)`` array (a memory map reads only the box)."""
+        """Crop an ``(H, W, C)`` array (a memory map reads only the box); needs ``inside(array.shape[:2])``."""
         self.check(array.shape[:2])
+        if not self.inside(array.shape[:2]):
+            raise ValueError("crop_array cuts plain boxes only; use apply() for a crop that resizes or pads")
         return array[self.top : self.top + self.height, self.left : self.left + self.width]
 
     def transform(self, image: torch.Tensor) -> torch.Tensor:
@@ -113,33 +166,68 @@ class CropFlip:
         return torch.rot90(image, self.rot90, dims=(-2, -1)) if self.rot90 else image
 
     def apply(self, image: torch.Tensor) -> torch.Tensor:
-        """Crop, then flip/turn, a ``(..., C, H, W)`` tensor."""
+        """Resize, pad, crop, then flip/turn a ``(..., C, H, W)`` tensor; returns ``(..., C, h, w)``."""
+        if image.ndim < 3:
+            raise ValueError(f"image must have shape (..., C, H, W), got {tuple(image.shape)}")
         self.check(tuple(image.shape[-2:]))
-        box = image[..., self.top : self.top + self.height, self.left : self.left + self.width]
-        return self.transform(box)
+        if self.resize is not None:
+            image = resize_bicubic_8bit(image, self.resize)
+        height, width = image.shape[-2:]
+        bottom, right = self.top + self.height, self.left + self.width
+        if bottom > height or right > width:
+            image = pad_to(image, (max(height, bottom), max(width, right)), self.padding)
+        return self.transform(image[..., self.top : bottom, self.left : right]).contiguous()
 
     def output_size(self) -> tuple[int, int]:
         """(h, w) after the quarter turns."""
         return (self.width, self.height) if self.rot90 % 2 else (self.height, self.width)
 
+    # ------------------------------------------------------------------ as data
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def as_tensor(self) -> torch.Tensor:
+        """int64 ``(12,)``: top, left, height, width, hflip, vflip, rot90, padding (index in ``PADDINGS``),
+        resize H', W', image H, W (−1 for ``None``). ``default_collate`` stacks it to ``(B, 12)``."""
+        resize = self.resize or (_NO_VALUE, _NO_VALUE)
+        size = self.image_size or (_NO_VALUE, _NO_VALUE)
+        padding = _NO_VALUE if self.padding is None else PADDINGS.index(self.padding)
+        return torch.tensor([self.top, self.left, self.height, self.width, int(self.hflip), int(self.vflip),
+                             self.rot90, padding, *resize, *size], dtype=torch.int64)
 
-def crop_flip(image: torch.Tensor, box: Sequence[int] | torch.Tensor, flip: Sequence[bool] | torch.Tensor) -> torch.Tensor:
-    """Cut ``box = (y, x, h, w)`` out of ``image (..., C, H, W)`` and apply ``flip = (horizontal, vertical)``.
+    @classmethod
+    def from_tensor(cls, encoded: torch.Tensor) -> "CropFlip | list[CropFlip]":
+        """Inverse of ``as_tensor``: ``(12,)`` → one ``CropFlip``; ``(B, 12)`` (a collated batch) → a list."""
+        if not isinstance(encoded, torch.Tensor) or encoded.shape[-1:] != (ENCODED_LENGTH,) or encoded.ndim > 2 \
+                or encoded.is_floating_point():
+            shape = tuple(encoded.shape) if isinstance(encoded, torch.Tensor) else type(encoded).__name__
+            raise ValueError(f"encoded crop must be an integer tensor of shape (12,) or (B, 12) from "
+                             f"CropFlip.as_tensor(), got {shape}")
+        if encoded.ndim == 2:
+            return [cls.from_tensor(row) for row in encoded]
+        top, left, height, width, hflip, vflip, rot90, padding, *sizes = (int(v) for v in encoded.tolist())
+        resize, image_size = tuple(sizes[:2]), tuple(sizes[2:])
+        return cls(top, left, height, width, bool(hflip), bool(vflip), rot90,
+                   None if padding == _NO_VALUE else PADDINGS[padding],
+                   None if resize[0] == _NO_VALUE else resize, None if image_size[0] == _NO_VALUE else image_size)
 
-    Returns ``(..., C, h, w)``. Works on one image or a batch (the same box for all).
-    """
-    if image.ndim < 3:
-        raise ValueError(f"image must have shape (..., C, H, W), got {tuple(image.shape)}")
+
+def centre_crop_to_multiple(height: int, width: int, base: int = 64) -> Box:
+    """The box ``(top, left, h, w)`` that PromptIR / AirNet / AdaIR's ``crop_img(image, base)`` keeps: each side
+    cut down to a multiple of ``base``, removing r = side mod base pixels, ⌊r/2⌋ of them at the top/left (so an
+    odd r drops one more at the bottom/right). Add its ``top``/``left`` to the random crop drawn inside it."""
+    if base <= 0:
+        raise ValueError(f"base must be a positive integer, got {base!r}")
+    cut_h, cut_w = height % base, width % base
+    if cut_h == height or cut_w == width:
+        raise ValueError(f"an image of {height}×{width} has no side of a multiple of base={base} to keep")
+    return (cut_h // 2, cut_w // 2, height - cut_h, width - cut_w)
+
+
+def crop_flip(image: torch.Tensor, box: Sequence[int] | torch.Tensor, flip: Sequence[bool] | torch.Tensor,
+              padding: str = "reflect") -> torch.Tensor:
+    """Cut ``box = (y, x, h, w)`` out of ``image (..., C, H, W)`` and apply ``flip = (horizontal, vertical)``;
+    a box past the bottom/right edge pads the image with ``padding``. Shorthand for ``CropFlip(...).apply``."""
     y, x, h, w = (int(v) for v in box)
     horizontal, vertical = (bool(v) for v in flip)
-    crop = CropFlip(y, x, h, w, hflip=horizontal, vflip=vertical)  # validates the box
-    height, width = image.shape[-2:]
-    pad_h, pad_w = max(0, y + h - height), max(0, x + w - width)
-    if pad_h or pad_w:
-        mode = "reflect" if pad_h < height and pad_w < width else "replicate"
-        flat = image.reshape(-1, *image.shape[-3:])
-        image = F.pad(flat, (0, pad_w, 0, pad_h), mode=mode).reshape(*image.shape[:-2], height + pad_h, width + pad_w)
-    return crop.apply(image).contiguous()
+    return CropFlip(y, x, h, w, hflip=horizontal, vflip=vertical, padding=padding).apply(image)

@@ -12,9 +12,11 @@ Folder layout (docs/data.md)::
 Task resampling (authors' repeat factors): every image of a task appears ``repeats[task]`` times per
 epoch — 3-task noise 12 / haze 1 / rain 360; 5-task adds blur 30, low light 140.
 
-Synthetic noise: y = clamp(x + σ/255 · n), n ~ N(0, 1), σ drawn uniformly from ``sigmas`` per draw.
-All randomness of a draw (σ, noise, crops, flips) comes from one ``torch.Generator``, so a draw is a pure
-function of (index, seed): ``sample(index, generator)`` is what a resumable sampler calls.
+Synthetic noise: y = clamp(x + σ/255 · n), n ~ N(0, 1), on the whole (resized, if small) clean image. As in
+the authors' data set, σ is a property of the epoch entry: with repeat r, every clean image is drawn r times
+per epoch, r / len(sigmas) times at each σ. All randomness of a draw (noise, crops, flips) comes from one
+``torch.Generator``, so a draw is a pure function of (index, seed): ``sample(index, generator)`` is what a
+resumable sampler calls.
 """
 from __future__ import annotations
 
@@ -28,12 +30,15 @@ import torch
 from torch.utils.data import Dataset
 
 from ..ops.io import read_image
-from ..ops.validation import check_positive_int
-from .crops import crop_flip, random_box, random_flip
-from .degradations import TASKS, add_gaussian_noise
+from ..ops.validation import check_choice, check_positive_int
+from .degradations import add_gaussian_noise
+from .fitting import SMALL_IMAGE_RULES, fit_image
 from .pairing import ImagePair, find_pairs
+from .paired import paired_crops
+from .tasks import STANDARD_TASKS
 
-TASK_LABELS: dict[str, int] = {task: label for label, task in enumerate(TASKS)}
+TASK_LABELS: dict[str, int] = {task: label for label, task in enumerate(STANDARD_TASKS.names)}
+SIGMA_DRAWS = ("per_entry", "per_draw")
 LAYOUTS: dict[str, tuple[str, ...]] = {
     "3task": ("noise", "haze", "rain"),
     "5task": ("noise", "haze", "rain", "blur", "lowlight"),
@@ -52,7 +57,7 @@ def resolve_layout(layout: str | Sequence[str]) -> tuple[str, ...]:
     tasks = tuple(layout)
     bad = [t for t in tasks if t not in TASK_LABELS]
     if not tasks or bad or len(set(tasks)) != len(tasks):
-        raise ValueError(f"layout must list distinct tasks among {list(TASKS)}, got {list(tasks)}")
+        raise ValueError(f"layout must list distinct tasks among {list(TASK_LABELS)}, got {list(tasks)}")
     return tasks
 
 
@@ -81,29 +86,41 @@ def _read_pair(pair: ImagePair) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class AllInOneTrainSet(Dataset):
-    """Random crops of the standard multi-task training data, with task labels and crop records.
+    """Random crops of the standard multi-task training data, with task labels and crop geometry.
 
-    Each item is a dict: ``degraded``, ``target`` ``(3, crop, crop)`` in [0, 1]; ``task`` (int label of
-    ``TASKS``, all noise levels are one task); ``sigma`` (noise level, 0 for other tasks); ``path`` (the
-    degraded image relative to ``<root>/train``: the render-cache key; noise: ``noise/sigma25/<name>``);
-    ``box`` (int64 ``(y, x, h, w)``) and ``flip`` (bool ``(horizontal, vertical)``) to re-cut a cached
-    proxy output with ``crop_flip``; with ``positive=True`` also ``positive`` — another crop of the *same*
-    degraded image (same noise realisation) with its own flips, for the CFE loss (SPEC §2.3) — and its
-    ``positive_box``/``positive_flip``.
+    Each item is a dict: ``degraded``, ``target`` ``(3, crop, crop)`` in [0, 1]; ``task`` (int id in
+    ``STANDARD_TASKS``, all noise levels are one task); ``sigma`` (noise level, 0 for other tasks); ``path``
+    (the degraded image relative to ``<root>/train``: the render-cache key; noise: ``noise/sigma25/<name>``);
+    ``crop`` (int64 ``(12,)``, ``CropFlip.as_tensor()``: decode with ``CropFlip.from_tensor`` and read aligned
+    proxy negatives with it); with ``positive=True`` also ``positive`` — another crop of the *same* degraded
+    image (same noise realisation) with its own flips, for the CFE loss (docs/method.md §2.3) — and its
+    ``positive_crop``.
 
-    ``noise_seed=None`` draws fresh noise every draw (as the authors do); an int fixes one realisation
-    per (image, σ), so that proxies can be rendered once to a cache (``cache_keys``/``degraded_image``).
+    Defaults follow the authors' data set (Perceive-IR ``src/perceiveIR/data.py``, ``PaperFiveDataset`` with
+    their configs' ``shared_noise_positive: true``):
+
+    - ``small_image="resize"``: an image with a side shorter than the crop is bicubic-upscaled to hold it
+      (``fitting.fit_size``; BSD400's 180² images for 256² crops); the clean image is resized *before* the
+      noise. A padding mode (``"reflect"``, ``"symmetric"``, ``"edge"``, ``"zeros"``) pads instead.
+    - ``sigma_draw="per_entry"``: σ belongs to the epoch entry — with repeat r an image is drawn r / len(sigmas)
+      times at each σ per epoch (authors: 12 = 4 × 3); when r is not a multiple of len(sigmas), the σ's rotate
+      over images and rounds. ``"per_draw"`` draws σ uniformly at every draw instead.
+    - ``noise_seed=None`` draws fresh noise every draw (as the authors do); an int fixes one realisation
+      per (image, σ), so that proxies can be rendered once to a cache (``cache_keys``/``degraded_image``).
     """
 
     def __init__(self, root: str | os.PathLike, layout: str | Sequence[str] = "3task", *, crop_size: int = 256,
                  repeats: Mapping[str, int] | None = None, sigmas: Sequence[int] = NOISE_SIGMAS, flips: bool = True,
-                 positive: bool = True, noise_seed: int | None = None) -> None:
+                 positive: bool = True, noise_seed: int | None = None, small_image: str = "resize",
+                 sigma_draw: str = "per_entry") -> None:
         self.tasks = resolve_layout(layout)
         self.crop_size = check_positive_int(crop_size, "crop_size")
         self.repeats = self._resolve_repeats(repeats)
         self.sigmas = tuple(int(check_positive_int(s, "sigmas")) for s in sigmas)
         if not self.sigmas:
             raise ValueError("sigmas must hold at least one noise level, got an empty sequence")
+        self.small_image = check_choice(small_image, "small_image", SMALL_IMAGE_RULES)
+        self.sigma_draw = check_choice(sigma_draw, "sigma_draw", SIGMA_DRAWS)
         self.flips, self.positive, self.noise_seed = flips, positive, noise_seed
         self.root = Path(root) / "train"
         self.pairs = find_pairs(self.root, self.tasks, "train")
@@ -128,47 +145,58 @@ class AllInOneTrainSet(Dataset):
         """Per task: (distinct images, items per epoch after resampling)."""
         return {task: (len(self.pairs[task]), len(self.pairs[task]) * self.repeats[task]) for task in self.tasks}
 
-    def locate(self, index: int) -> ImagePair:
+    def _entry(self, index: int) -> tuple[ImagePair, int | None]:
+        """The image pair of item ``index`` and, for noise with ``sigma_draw="per_entry"``, its σ.
+
+        Within a task block, item j is image i = j mod N in round j // N; its σ is sigmas[(round + i) mod S]."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a data set of {len(self)} items")
         slot = bisect.bisect_right(self._ends, index)
-        start = self._ends[slot - 1] if slot else 0
+        offset = index - (self._ends[slot - 1] if slot else 0)
         pairs = self.pairs[self.tasks[slot]]
-        return pairs[(index - start) % len(pairs)]
+        image, round_ = offset % len(pairs), offset // len(pairs)
+        pair = pairs[image]
+        if pair.degraded is not None or self.sigma_draw == "per_draw":
+            return pair, None
+        return pair, self.sigmas[(round_ + image) % len(self.sigmas)]
+
+    def locate(self, index: int) -> ImagePair:
+        return self._entry(index)[0]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """One draw with a seed taken from torch's global generator (plain DataLoader use)."""
         seed = int(torch.randint(2**62, (1,)).item())
         return self.sample(index, torch.Generator().manual_seed(seed))
 
+    def _noisy(self, clean: torch.Tensor, key: str, sigma: int, generator: torch.Generator | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean, noisy) whole images: the clean one resized first under the authors' rule (noise is never
+        resized), then fresh noise from ``generator`` or the fixed realisation of ``noise_seed``."""
+        if self.small_image == "resize":
+            clean = fit_image(clean, self.crop_size)
+        if self.noise_seed is None:
+            return clean, add_gaussian_noise(clean[None], float(sigma), generator)[0]
+        return clean, fixed_noisy(clean, key, sigma, self.noise_seed)
+
     def sample(self, index: int, generator: torch.Generator) -> dict[str, Any]:
-        """The draw of item ``index`` whose randomness comes only from ``generator`` (exactly repeatable)."""
-        pair = self.locate(index)
+        """The draw of item ``index`` whose randomness comes only from ``generator`` (exactly repeatable).
+
+        Order of draws: σ (``per_draw`` only), the noise, the crop (top, left, flips), the positive crop."""
+        pair, sigma = self._entry(index)
         if pair.degraded is None:
-            sigma = self.sigmas[int(torch.randint(len(self.sigmas), (1,), generator=generator).item())]
-            clean = read_image(pair.clean)
+            if sigma is None:
+                sigma = self.sigmas[int(torch.randint(len(self.sigmas), (1,), generator=generator).item())]
             key = _noise_key(pair, sigma)
-            if self.noise_seed is None:
-                degraded = add_gaussian_noise(clean[None], float(sigma), generator)[0]
-            else:
-                degraded = fixed_noisy(clean, key, sigma, self.noise_seed)
+            clean, degraded = self._noisy(read_image(pair.clean), key, sigma, generator)
         else:
             sigma, key = 0, pair.key
             degraded, clean = _read_pair(pair)
-        height, width = degraded.shape[-2:]
-        box = random_box(height, width, self.crop_size, generator)
-        flip = random_flip(generator, self.flips)
-        item = {
-            "degraded": crop_flip(degraded, box, flip), "target": crop_flip(clean, box, flip),
-            "task": TASK_LABELS[pair.task], "sigma": sigma, "path": key,
-            "box": torch.tensor(box, dtype=torch.int64), "flip": torch.tensor(flip, dtype=torch.bool),
-        }
+        crops = paired_crops(degraded, clean, self.crop_size, generator=generator, positive=self.positive,
+                             flips=self.flips, small_image=self.small_image)
+        item = {"degraded": crops.degraded, "target": crops.target, "task": TASK_LABELS[pair.task], "sigma": sigma,
+                "path": key, "crop": crops.crop.as_tensor()}
         if self.positive:
-            positive_box = random_box(height, width, self.crop_size, generator)
-            positive_flip = random_flip(generator, self.flips)
-            item["positive"] = crop_flip(degraded, positive_box, positive_flip)
-            item["positive_box"] = torch.tensor(positive_box, dtype=torch.int64)
-            item["positive_flip"] = torch.tensor(positive_flip, dtype=torch.bool)
+            item["positive"], item["positive_crop"] = crops.positive, crops.positive_crop.as_tensor()
         return item
 
     def cache_keys(self) -> list[str]:
@@ -183,14 +211,16 @@ class AllInOneTrainSet(Dataset):
         return keys
 
     def degraded_image(self, key: str) -> torch.Tensor:
-        """The full degraded image ``(3, H, W)`` behind a ``path`` key (what a render cache renders)."""
+        """The full degraded image ``(3, H, W)`` behind a ``path`` key (what a render cache renders). For noise:
+        the fixed realisation on the clean image, resized first if it is smaller than ``crop_size`` (so it
+        depends on the crop size under ``small_image="resize"``)."""
         if key.startswith("noise/sigma"):
             if self.noise_seed is None:
                 raise ValueError("noise draws are fresh every time (noise_seed=None), so noisy images have no fixed "
                                  "version to cache; build the data set with noise_seed=<int>")
             sigma_part, _, name = key.removeprefix("noise/").partition("/")
             clean = read_image(self.root / "noise" / "clean" / name)
-            return fixed_noisy(clean, key, int(sigma_part.removeprefix("sigma")), self.noise_seed)
+            return self._noisy(clean, key, int(sigma_part.removeprefix("sigma")), None)[1]
         path = self.root / key
         if not path.is_file():
             raise ValueError(f"key {key!r} names no image under {str(self.root)!r}")

@@ -16,14 +16,29 @@ DDP's gradient *averaging* yields exactly the single-process parameter gradient.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..data.tasks import TaskLike, TaskVocabulary, as_vocabulary
 from ..ops.validation import check_values, deferred_value_checks
 from .common import check_loss_weight, check_reduction
 
 TEMPERATURE = 0.1
+Labels = torch.Tensor | Sequence[TaskLike]
+
+
+def task_labels(labels: Labels, vocabulary: TaskVocabulary | Sequence[str] | None,
+                device: torch.device) -> torch.Tensor:
+    """A ``(B,)`` integer tensor as given, or a sequence of task names / aliases / ids mapped by ``vocabulary``
+    (default ``STANDARD_TASKS``; all noise levels are one task). Every rank must use the same vocabulary."""
+    if isinstance(labels, torch.Tensor):
+        return labels
+    if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
+        raise TypeError(f"labels must be an integer tensor of task ids or a sequence of task names, got {labels!r}")
+    return as_vocabulary(vocabulary, "vocabulary").labels(labels, device=device)
 
 
 def _check_inputs(anchor: object, positive: object, labels: object) -> None:
@@ -99,14 +114,16 @@ def info_nce_per_anchor(
 def degradation_contrastive_loss(
     anchor: torch.Tensor,
     positive: torch.Tensor,
-    labels: torch.Tensor,
+    labels: Labels,
     *,
+    vocabulary: TaskVocabulary | Sequence[str] | None = None,
     temperature: float = TEMPERATURE,
     reduction: str = "mean",
     process_group=None,
     ddp_mean_gradients: bool = True,
 ) -> torch.Tensor:
-    """L_cl for ``anchor, positive (B, D)`` (L2-normalised CFE embeddings) and task ``labels (B,)``.
+    """L_cl for ``anchor, positive (B, D)`` (L2-normalised CFE embeddings) and task ``labels (B,)``: integer ids,
+    or task names / aliases of ``vocabulary`` (default ``STANDARD_TASKS``, e.g. ``["denoise_25", "derain"]``).
 
     ``reduction``: 'mean' (over valid anchors, all ranks), 'sum' (over valid anchors, all ranks) or 'none'
     (the local ``(B,)`` per-anchor losses, 0 where an anchor has no negative). Distributed use needs an
@@ -115,6 +132,8 @@ def degradation_contrastive_loss(
     check_reduction(reduction)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if isinstance(anchor, torch.Tensor):
+        labels = task_labels(labels, vocabulary, anchor.device)
     _check_inputs(anchor, positive, labels)
     labels = labels.to(anchor.device)
     distributed = dist.is_available() and dist.is_initialized()
@@ -144,12 +163,15 @@ def degradation_contrastive_loss(
 class DegradationContrastiveLoss(nn.Module):
     """L_cl as a module: ``forward(anchor (B, D), positive (B, D), labels (B,)) -> loss``.
 
-    Holds no parameters. See ``degradation_contrastive_loss`` for the distributed semantics.
+    Holds no parameters. ``labels``: integer task ids or names of ``vocabulary`` (default ``STANDARD_TASKS``).
+    See ``degradation_contrastive_loss`` for the distributed semantics.
     """
 
     def __init__(self, temperature: float = TEMPERATURE, *, loss_weight: float = 1.0, reduction: str = "mean",
-                 process_group=None, ddp_mean_gradients: bool = True) -> None:
+                 process_group=None, ddp_mean_gradients: bool = True,
+                 vocabulary: TaskVocabulary | Sequence[str] | None = None) -> None:
         super().__init__()
+        self.vocabulary = as_vocabulary(vocabulary, "vocabulary")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         self.temperature = float(temperature)
@@ -158,10 +180,10 @@ class DegradationContrastiveLoss(nn.Module):
         self.process_group = process_group
         self.ddp_mean_gradients = bool(ddp_mean_gradients)
 
-    def forward(self, anchor: torch.Tensor, positive: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, anchor: torch.Tensor, positive: torch.Tensor, labels: Labels) -> torch.Tensor:
         loss = degradation_contrastive_loss(
-            anchor, positive, labels, temperature=self.temperature, reduction=self.reduction,
-            process_group=self.process_group, ddp_mean_gradients=self.ddp_mean_gradients,
+            anchor, positive, labels, vocabulary=self.vocabulary, temperature=self.temperature,
+            reduction=self.reduction, process_group=self.process_group, ddp_mean_gradients=self.ddp_mean_gradients,
         )
         return self.loss_weight * loss
 

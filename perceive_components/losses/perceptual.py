@@ -75,9 +75,7 @@ def _valid_negatives(restored: torch.Tensor, negatives: torch.Tensor | None, mas
         if tuple(mask.shape) != (batch, count):
             raise ValueError(f"mask must have shape (B, K) = ({batch}, {count}) to match negatives, "
                              f"got {tuple(mask.shape)}")
-        if count == 0:
-            raise ValueError("mask was given for K = 0 negatives; drop the mask (or the empty negatives)")
-    if count == 0:
+    if count == 0:  # a fixed batch format without proxies: (B, 0, 3, H, W) and a (B, 0) mask
         return None, None
     if mask is None:
         owner = torch.arange(batch, device=negatives.device).repeat_interleave(count)
@@ -113,6 +111,8 @@ def difficulty_adaptive_perceptual_loss(
     """L_dpl of ``restored (B, 3, H, W)`` against ``gt``, ``degraded`` and ``negatives (B, K, 3, H, W)``.
 
     Args:
+        negatives: ``(B, K, 3, H, W)`` proxy outputs; ``None`` or K = 0 (with a ``(B, 0)`` mask) means none, and
+            the easy negative alone is the denominator.
         mask: ``(B, K)`` bool, True where negative k of sample b is valid (default: all valid).
         features: maps images ``(N, 3, H, W)`` in [0, 1] to one feature map per tap (e.g. ``VGGFeatures``).
         difficulty: ``"online"`` (per-sample PSNR of R in this step) or ``"probe"`` (``model_psnr`` scalar).

@@ -4,6 +4,10 @@
         --checkpoint promptir.ckpt --input-root data/train --manifest data/train.jsonl --device cuda
     perceive-ir cache inspect --cache runs/proxies --input-root data/train --manifest data/train.jsonl
 
+Every entry records a fingerprint of its input's pixels: re-running ``render`` over inputs that changed since
+(another data set with the same file names) stops with the list of them until ``--overwrite`` is given, and
+``inspect`` with a data set lists missing, stale and unverified entries.
+
 ``--model`` names a callable ``MODULE:NAME`` (or ``path/to/file.py:NAME``) that returns the restorer as an
 ``nn.Module``; ``--checkpoint`` optionally loads weights into it strictly (safetensors, or a torch file
 read with ``weights_only=True``; ``params``/``state_dict``/``model`` wrappers and a ``net.``/``module.``
@@ -18,8 +22,10 @@ import torch
 from torch import nn
 
 from ..ops.imports import load_callable
-from .cache import FILE_FORMATS, RenderCache, items_from_folder, items_from_manifest
+from .cache import FILE_FORMATS, RenderCache
+from .items import items_from_folder, items_from_manifest
 
+PROBLEMS = ("missing", "stale", "unverified")  # what ``inspect`` lists per slot (``RenderCache.problems``)
 PRECISIONS = {"auto": "auto", "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -44,10 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     render.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     render.add_argument("--precision", choices=sorted(PRECISIONS), default="auto", help="auto: bf16 on CUDA")
     render.add_argument("--format", choices=FILE_FORMATS, default="png", help="file format of a new cache")
-    render.add_argument("--overwrite", action="store_true", help="re-render entries that already exist")
+    render.add_argument("--overwrite", action="store_true",
+                        help="re-render entries that already exist (needed when their inputs changed)")
     render.set_defaults(func=run_render)
 
-    inspect = commands.add_parser("inspect", help="slots, coverage, entry counts; missing entries for a data set")
+    inspect = commands.add_parser("inspect", help="slots, coverage, entry counts; missing and stale entries for a "
+                                  "data set")
     inspect.add_argument("--cache", required=True)
     _add_items_arguments(inspect, required=False)
     inspect.set_defaults(func=run_inspect)
@@ -114,7 +122,9 @@ def run_inspect(args: argparse.Namespace) -> int:
     cache = RenderCache(args.cache)
     report = cache.summary()
     if args.input_root:
-        missing = cache.missing(_items(args))
-        report["missing"] = {slot: {"count": len(keys), "first": keys[:5]} for slot, keys in missing.items()}
+        problems = cache.problems(_items(args), progress=True)
+        for kind in PROBLEMS:
+            report[kind] = {slot: {"count": len(found[kind]), "first": found[kind][:5]}
+                            for slot, found in problems.items()}
     print(json.dumps(report, indent=2))
-    return 1 if any(v["count"] for v in report.get("missing", {}).values()) else 0
+    return 1 if any(v["count"] for kind in PROBLEMS for v in report.get(kind, {}).values()) else 0

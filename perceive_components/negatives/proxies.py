@@ -10,11 +10,12 @@ running them at every step.
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from ..data.tasks import TaskLike, TaskVocabulary, as_vocabulary
 from ..ops.frozen import FrozenHolder
 from ..ops.tiling import pad_to_multiple
 from ..ops.validation import check_images, check_positive_int
@@ -34,16 +35,20 @@ class ProxyNegatives(FrozenHolder):
 
     Args:
         proxies: name → frozen restorer (``nn.Module`` mapping ``(n, 3, H, W)`` to the same shape).
-        tasks: name → integer task ids the proxy covers (missing or ``None``: every task).
+        tasks: name → the tasks the proxy covers, as names, aliases or ids of ``vocabulary`` (missing or
+            ``None``: every task).
+        vocabulary: the ``TaskVocabulary`` (default ``STANDARD_TASKS``) shared with the losses and ``RenderCache``.
         autocast_dtype: ``"auto"`` (bf16 on CUDA), ``None`` or a dtype.
         multiple: reflect-pad inputs to this multiple for proxies that need it (cropped back after).
 
-    ``labels (B,)`` are integer task ids; an explicit ``mask (B, K)`` bool (e.g. "the fold model that did
-    not train on this image") replaces the task rule. Entries outside the mask are zeros and never computed.
+    ``labels``: the batch's tasks, a ``(B,)`` integer tensor of ids or a sequence of names/aliases; an explicit
+    ``mask (B, K)`` bool (e.g. "the fold model that did not train on this image") replaces the task rule.
+    Entries outside the mask are zeros and never computed.
     """
 
-    def __init__(self, proxies: Mapping[str, nn.Module], tasks: Mapping[str, Iterable[int] | None] | None = None,
-                 *, autocast_dtype: torch.dtype | str | None = "auto", multiple: int = 1) -> None:
+    def __init__(self, proxies: Mapping[str, nn.Module], tasks: Mapping[str, Iterable[TaskLike] | None] | None = None,
+                 *, vocabulary: TaskVocabulary | Sequence[str] | None = None,
+                 autocast_dtype: torch.dtype | str | None = "auto", multiple: int = 1) -> None:
         super().__init__()
         if not isinstance(proxies, Mapping) or not proxies:
             raise ValueError("proxies must be a non-empty mapping name -> nn.Module")
@@ -51,8 +56,9 @@ class ProxyNegatives(FrozenHolder):
         unknown = sorted(set(tasks) - set(proxies))
         if unknown:
             raise ValueError(f"tasks names proxies that do not exist: {unknown}; proxies are {sorted(proxies)}")
+        self.vocabulary = as_vocabulary(vocabulary, "vocabulary")
         self.names = tuple(proxies)
-        self.tasks = {name: None if tasks.get(name) is None else tuple(int(t) for t in tasks[name])
+        self.tasks = {name: None if tasks.get(name) is None else self.vocabulary.ids(tasks[name])
                       for name in self.names}
         resolve_autocast(autocast_dtype, torch.device("cpu"))  # validate early
         self.autocast_dtype = autocast_dtype
@@ -63,10 +69,16 @@ class ProxyNegatives(FrozenHolder):
     def proxy(self, name: str) -> nn.Module:
         return getattr(self, f"proxy{self.names.index(name)}")
 
-    def coverage(self, labels: torch.Tensor) -> torch.Tensor:
-        """``(B, K)`` bool: True where proxy k covers the task of sample b."""
-        if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.ndim != 1:
-            raise ValueError(f"labels must be integer task ids of shape (B,), got {labels.dtype} {tuple(labels.shape)}")
+    def coverage(self, labels: torch.Tensor | Sequence[TaskLike], device: torch.device | None = None
+                 ) -> torch.Tensor:
+        """``(B, K)`` bool: True where proxy k covers the task of sample b (``labels``: ids or names)."""
+        if isinstance(labels, torch.Tensor):
+            if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.ndim != 1:
+                raise ValueError(f"labels must be integer task ids of shape (B,), got {labels.dtype} "
+                                 f"{tuple(labels.shape)}")
+            labels = labels.to(device) if device is not None else labels
+        else:
+            labels = self.vocabulary.labels(labels, device=device)
         columns = []
         for name in self.names:
             covered = self.tasks[name]
@@ -75,13 +87,13 @@ class ProxyNegatives(FrozenHolder):
         return torch.stack(columns, dim=1)
 
     @torch.no_grad()
-    def forward(self, degraded: torch.Tensor, labels: torch.Tensor | None = None,
+    def forward(self, degraded: torch.Tensor, labels: torch.Tensor | Sequence[TaskLike] | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         check_images(degraded, "degraded")
         batch, _, height, width = degraded.shape
         count = len(self.names)
         if mask is None:
-            mask = self.coverage(torch.as_tensor(labels, device=degraded.device)) if labels is not None else \
+            mask = self.coverage(labels, degraded.device) if labels is not None else \
                 torch.ones(batch, count, dtype=torch.bool, device=degraded.device)
         elif mask.dtype != torch.bool or tuple(mask.shape) != (batch, count):
             raise ValueError(f"mask must be a bool tensor of shape (B, K) = ({batch}, {count}), "
