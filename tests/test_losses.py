@@ -508,6 +508,22 @@ def test_quality_aware_loss_argument_errors(tiny_perceiver):
     x = images(2, 3, 16, 16)
     with pytest.raises(ValueError, match="labels"):
         criterion(x, x, x, anchor=unit_vectors(2, 4, 0).float(), positive=unit_vectors(2, 4, 1).float())
+    # a fixed batch format without proxies (K = 0) is accepted with the perceptual term off; K > 0 is not
+    l1_only = QualityAwareLoss(clip_weight=0, perceptual_weight=0)
+    empty, empty_mask = torch.zeros(2, 0, 3, 16, 16), torch.zeros(2, 0, dtype=torch.bool)
+    assert set(l1_only(x, x, x, empty, empty_mask)[1]) == {"l1", "total"}
+    with pytest.raises(ValueError, match="perceptual_weight is 0"):
+        l1_only(x, x, x, torch.zeros(2, 1, 3, 16, 16), torch.ones(2, 1, dtype=torch.bool))
+    # task names through a custom vocabulary reach the contrastive term
+    from perceive_components.data import TaskVocabulary
+
+    named = QualityAwareLoss(clip_weight=0, perceptual_weight=0, vocabulary=TaskVocabulary(["rain", "snow"]))
+    anchor, positive = unit_vectors(2, 4, 0).float(), unit_vectors(2, 4, 1).float()
+    by_name, _ = named(x, x, x, anchor=anchor, positive=positive, labels=["snow", "rain"])
+    by_id, _ = named(x, x, x, anchor=anchor, positive=positive, labels=torch.tensor([1, 0]))
+    torch.testing.assert_close(by_name, by_id)
+    with pytest.raises(ValueError, match="hail"):
+        named(x, x, x, anchor=anchor, positive=positive, labels=["hail", "rain"])
 
 
 def test_frozen_networks_follow_to_and_stay_out_of_state_dict(tiny_perceiver):

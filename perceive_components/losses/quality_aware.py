@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..data.tasks import TaskVocabulary
 from ..guidance import Guidance
 from ..ops.validation import check_same_shape, deferred_value_checks
 from .clip_aware import CLIPAwareLoss
@@ -35,7 +36,8 @@ class QualityAwareLoss(nn.Module):
     Shapes: images ``(B, 3, H, W)`` in [0, 1]; ``negatives (B, K, 3, H, W)``; ``mask (B, K)`` bool;
     ``guidance``: the ``Guidance`` of the batch (its ``embedding`` Z and ``positive_embedding`` Z⁺ are the
     anchors and positives of L_cl); or ``anchor, positive (B, D)`` CFE embeddings given directly;
-    ``labels (B,)`` integer task ids. ``terms`` maps
+    ``labels``: ``(B,)`` integer task ids, or task names / aliases of ``vocabulary`` (default the standard
+    tasks, ``perceive_components.data.STANDARD_TASKS``: all noise levels are one task). ``terms`` maps
     ``"l1"``, ``"contrastive"``, ``"clip"``, ``"perceptual"`` (each term *before* its λ, detached; only the
     terms computed) and ``"total"`` (detached) for logging. ``total`` keeps the graph.
 
@@ -45,6 +47,7 @@ class QualityAwareLoss(nn.Module):
         vgg: timm VGG name (``vgg16.tv_in1k``), a built VGG, or a ``VGGFeatures``; ``vgg_pretrained``
             loads ImageNet weights for a name. Unused when ``perceptual_weight == 0``.
         difficulty: ``"online"`` (default) or ``"probe"`` (then pass ``model_psnr`` to ``forward``).
+        vocabulary: the ``TaskVocabulary`` (or task names) that names in ``labels`` are read with.
         Frozen networks live in neither ``state_dict()`` nor ``parameters()``; ``.to(device)`` moves them.
     """
 
@@ -66,6 +69,7 @@ class QualityAwareLoss(nn.Module):
         layer_weights: Sequence[float] = LAYER_WEIGHTS,
         w_easy: float = W_EASY,
         straight_through: bool = True,
+        vocabulary: TaskVocabulary | Sequence[str] | None = None,
         loss_weight: float = 1.0,
         reduction: str = "mean",
     ) -> None:
@@ -85,7 +89,7 @@ class QualityAwareLoss(nn.Module):
             vgg, pretrained=vgg_pretrained, taps=taps, layer_weights=layer_weights, w_easy=w_easy,
             difficulty=difficulty, straight_through=straight_through, reduction="none",
         ) if self.perceptual_weight > 0 else None
-        self.contrastive_loss = DegradationContrastiveLoss(temperature, reduction=self.reduction)
+        self.contrastive_loss = DegradationContrastiveLoss(temperature, reduction=self.reduction, vocabulary=vocabulary)
 
     @deferred_value_checks()  # every term's value checks share one host sync, after the work is queued
     def forward(
@@ -120,8 +124,9 @@ class QualityAwareLoss(nn.Module):
         if self.perceptual_loss is not None:
             weighted.append((self.perceptual_weight, "perceptual", self.perceptual_loss(
                 restored, gt, degraded, negatives, mask, model_psnr=model_psnr)))
-        elif negatives is not None or mask is not None:
-            raise ValueError("negatives/mask were given but perceptual_weight is 0, so they would be ignored")
+        elif (negatives is not None and negatives.shape[1:2] != (0,)) or (mask is not None and mask.shape[1:2] != (0,)):
+            raise ValueError("negatives/mask were given but perceptual_weight is 0, so they would be ignored "
+                             "(a fixed batch format with K = 0 negatives is fine)")
         if self.clip_loss is not None:
             weighted.append((self.clip_weight, "clip", self.clip_loss(restored)))
         if self.l1_weight > 0:
