@@ -25,6 +25,7 @@ _EXPORTS = {
     "PerceiveAdapter": "perceive_components.adapter",
     "Guidance": "perceive_components.guidance",
     "load_backbone_weights": "perceive_components.weights",
+    "load_weights": "perceive_components.weights",
     "backbone_state_dict": "perceive_components.weights",
     "freeze_unused_parameters": "perceive_components.ops.frozen",
 }

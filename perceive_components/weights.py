@@ -14,7 +14,8 @@ a LightningModule around it     ``<attr>.backbone.<key>``, e.g. ``net.backbone.�
 ==============================  =====================================================================
 
 ``load_backbone_weights(net, source)`` finds the state dict in any of these and the key prefix under which it
-fits the backbone (``net.backbone`` for a ``PerceiveAdapter``), then loads it strictly.
+fits the backbone (``net.backbone`` for a ``PerceiveAdapter``), then loads it strictly; ``load_weights(module,
+source)`` does the same for any module (a whole adapter back from a LightningModule's checkpoint).
 ``backbone_state_dict(source)`` goes the other way: the bare backbone's keys out of an adapter's, a
 Lightning or a DDP checkpoint, ready for upstream evaluation code (``torch.save({"params": …}, path)``).
 
@@ -127,16 +128,25 @@ def fit_state_dict(state: Mapping[str, torch.Tensor], module: nn.Module) -> dict
         f"{len(wanted)} keys are missing, e.g. {missing[:3]}; the checkpoint has e.g. {sorted(state)[:3]}")
 
 
+def load_weights(module: nn.Module, source: str | os.PathLike | Mapping[str, Any], *,
+                 entry: str | None = None) -> nn.Module:
+    """Load a checkpoint (a path, a loaded checkpoint or a state dict, in any layout of the table in the module
+    docstring) strictly into ``module`` itself, under whatever key prefix it was saved (``fit_state_dict``):
+    e.g. a whole ``PerceiveAdapter`` back from a LightningModule's checkpoint (``net.backbone.*``, ``net.perceive.*``).
+    Returns ``module``."""
+    checkpoint = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    module.load_state_dict(fit_state_dict(find_state_dict(checkpoint, entry), module), strict=True)
+    return module
+
+
 def load_backbone_weights(net: nn.Module, source: str | os.PathLike | Mapping[str, Any], *,
                           entry: str | None = None) -> nn.Module:
-    """Load a backbone checkpoint (a path, a loaded checkpoint or a state dict, in any layout of the table in
-    the module docstring) strictly into ``net`` — into ``net.backbone`` when ``net`` is a ``PerceiveAdapter``,
-    so official weights go into the wrapped network without renaming a key. Returns ``net``."""
+    """Load a backbone checkpoint (as ``load_weights``) strictly into ``net`` — into ``net.backbone`` when ``net``
+    is a ``PerceiveAdapter``, so official weights go into the wrapped network without renaming a key (the
+    adapter's own weights stay as they are). Returns ``net``."""
     from .adapter import PerceiveAdapter
 
-    checkpoint = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
-    target = net.backbone if isinstance(net, PerceiveAdapter) else net
-    target.load_state_dict(fit_state_dict(find_state_dict(checkpoint, entry), target), strict=True)
+    load_weights(net.backbone if isinstance(net, PerceiveAdapter) else net, source, entry=entry)
     return net
 
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from perceive_components import PerceiveAdapter, backbone_state_dict, freeze_unused_parameters, load_backbone_weights
+from perceive_components import (
+    PerceiveAdapter, backbone_state_dict, freeze_unused_parameters, load_backbone_weights, load_weights,
+)
 from perceive_components.tiny import tiny_sgm
 from perceive_components.weights import WeightsError
 from test_adapter import ConcatUNet
@@ -70,6 +72,8 @@ def test_adapter_and_lightning_checkpoints_export_the_bare_backbone(tmp_path):
     fresh = PerceiveAdapter(ConcatUNet(), sgm=tiny_sgm(blocks=3))
     load_backbone_weights(fresh, path)
     _assert_same(fresh.backbone, expected)
+    load_weights(fresh, path)  # the whole adapter: its own weights come back too
+    _assert_same(fresh, adapter.state_dict())
     with pytest.raises(WeightsError, match="not the state of a PerceiveAdapter"):
         backbone_state_dict({"params": expected})
 
