@@ -119,6 +119,32 @@ def check_values(
         pending.append((tensor, value_stats(tensor), name, value_range))
 
 
+def compiling() -> bool:
+    """True while ``torch.compile`` traces: a value check reads back to the host, which would break the graph,
+    so modules skip their value checks there (shape and dtype checks still run)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    if is_compiling is None:  # torch < 2.3
+        from torch._dynamo import is_compiling
+    return bool(is_compiling())
+
+
+def as_parameter_dtype(tensor: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """``tensor`` cast to the floating dtype of ``module``'s parameters, so that e.g. a float64 input runs
+    through a float32 module instead of failing inside it (under autocast the layers then cast as usual)."""
+    parameter = next(module.parameters(), None)
+    return tensor if parameter is None or tensor.dtype == parameter.dtype else tensor.to(parameter.dtype)
+
+
+def set_value_checks(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """Switch the input value checks (``validate_inputs``) of ``module`` and every submodule that has them
+    (PerceiveAdapter, CFE, PGM), e.g. off inside a training step whose losses check the values anyway, so
+    that no check reads back to the host in the middle of the forward pass. Returns ``module``."""
+    for submodule in module.modules():
+        if hasattr(submodule, "validate_inputs"):
+            submodule.validate_inputs = bool(enabled)
+    return module
+
+
 def check_same_shape(reference: torch.Tensor, ref_name: str, other: torch.Tensor, other_name: str) -> None:
     """Raise ``ValueError`` unless ``other`` has exactly the shape of ``reference``."""
     if tuple(other.shape) != tuple(reference.shape):
