@@ -69,7 +69,8 @@ def test_16_bit_grey_keeps_full_precision(tmp_path, rng):
     values[0, :2] = (65535, 1)  # the top level and the smallest step: 8-bit reading would give 1.0 / 0.0
     for suffix in (".png", ".tif"):
         Image.fromarray(values).save(tmp_path / f"grey16{suffix}")
-        assert Image.open(tmp_path / f"grey16{suffix}").mode.startswith("I;16")
+        with Image.open(tmp_path / f"grey16{suffix}") as stored:
+            assert stored.mode.startswith("I;16")
         assert_pixels(tmp_path / f"grey16{suffix}", np.repeat(values[..., None] / 65535.0, 3, axis=-1))
 
 
@@ -124,7 +125,8 @@ def test_palette_images_with_and_without_transparency(tmp_path):
 
     entry_alpha = np.array([255, 128, 0, 64], dtype=np.uint8)  # tRNS with one alpha per palette entry
     image.save(tmp_path / "alphas.png", transparency=entry_alpha.tobytes())
-    assert Image.open(tmp_path / "alphas.png").mode == "P"
+    with Image.open(tmp_path / "alphas.png") as stored:
+        assert stored.mode == "P"
     assert_pixels(tmp_path / "alphas.png", over_white(palette[indices] / 255.0, entry_alpha[indices] / 255.0))
 
 
