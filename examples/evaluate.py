@@ -173,7 +173,7 @@ def score_pair(restored: torch.Tensor, target: torch.Tensor, ssim_window: str = 
 
     ``ssim_window='skimage'``: ``skimage.metrics.structural_similarity`` defaults (7×7 uniform window, sample
     covariance), as the authors' and PromptIR's evaluators call it. ``'gaussian'``: 11×11 Gaussian window,
-    σ 1.5, valid region (Wang et al.; BasicSR); typically a little higher.
+    σ 1.5, valid region (Wang et al.; BasicSR); slightly different values.
     """
     return float(psnr(restored, target)[0]), float(ssim(restored, target, window=ssim_window)[0])
 

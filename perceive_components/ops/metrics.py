@@ -10,7 +10,7 @@ crop, one number per image:
            valid region only, mean over the three channels
 
 ``ssim(..., window="gaussian")`` is Wang et al.'s 11×11 Gaussian window (σ = 1.5) as BasicSR computes it,
-for comparisons with numbers from BasicSR's evaluator; it reads a little higher than the default.
+for comparisons with numbers from BasicSR's evaluator; its values differ slightly from the default.
 ``quantize_8bit`` rounds images as saving them to an 8-bit file would (for scoring saved files).
 """
 from __future__ import annotations
