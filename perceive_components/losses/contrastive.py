@@ -194,7 +194,7 @@ class DegradationContrastiveLoss(nn.Module):
         self.calls_without_negatives += 1
         count = self.calls_without_negatives
         if count & (count - 1) or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
-            return  # warn at the 1st, 2nd, 4th, 8th … such call only, and once per job
+            return  # warn at the 1st, 2nd, 4th, 8th … such call only, and on rank 0 only
         warnings.warn(
             f"DegradationContrastiveLoss: no anchor had a negative (an image of another task in the batch) in "
             f"{count} of {self.calls} calls so far, so L_cl was 0 there and CFE learnt nothing from them. Mix "
