@@ -1,8 +1,9 @@
 """Evaluate a restoration backbone on paired test sets with the field's protocol (SPEC.md §4, table of §5).
 
 Protocol: full image in fp32 (TF32 off), replicate-pad bottom/right to a multiple of 8 (and of the
-backbone's ``size_factor``), crop back, clamp to [0, 1], round restored and target to 8-bit, then PSNR and
-SSIM on RGB with no border crop. Each set reports the mean over its images; "average" is the mean of the
+backbone's ``size_factor``), crop back, clamp to [0, 1], then PSNR and SSIM on the float RGB output (no 8-bit
+rounding, no border crop; SSIM = scikit-image's ``structural_similarity`` defaults), as the authors' and
+PromptIR's evaluators do. Each set reports the mean over its images; "average" is the mean of the
 set means. ``--tile`` runs large images in overlapping tiles blended with linear ramps
 (``perceive_components.ops.tiling.tiled_apply``): the whole image stays in CPU memory and only
 ``--tile-batch`` tiles at a time go through the model, so device memory is bounded by the tile size.
@@ -54,7 +55,7 @@ from tqdm import tqdm  # noqa: E402
 
 from perceive_components.guidance import Guidance  # noqa: E402
 from perceive_components.ops.io import IMAGE_SUFFIXES, list_images, read_image, write_image  # noqa: E402
-from perceive_components.ops.metrics import psnr, quantize_8bit, ssim  # noqa: E402
+from perceive_components.ops.metrics import SSIM_WINDOWS, psnr, ssim  # noqa: E402
 from perceive_components.ops.tiling import tiled_apply  # noqa: E402
 
 log = logging.getLogger("evaluate")
@@ -66,7 +67,6 @@ PROTOCOLS: dict[str, list[tuple[str, str]]] = {
     "5task": [("CBSD68-sigma25", "σ25"), ("SOTS-outdoor", "SOTS"), ("Rain100L", "Rain100L"),
               ("GoPro", "GoPro"), ("LOL", "LOL")],
 }
-SSIM_WINDOWS = ("gaussian", "skimage")
 LAYOUT_HELP = "expected <root>/<set>/degraded/<name> and <root>/<set>/target/<name> (same names, any image suffix)"
 
 
@@ -173,29 +173,19 @@ def restore_image(model: Callable[..., torch.Tensor], degraded: torch.Tensor, *,
     return restored.float().cpu().clamp(0, 1)
 
 
-def score_pair(restored: torch.Tensor, target: torch.Tensor, ssim_window: str = "gaussian") -> tuple[float, float]:
-    """PSNR and SSIM of one ``(1, 3, H, W)`` pair after rounding both to 8-bit.
+def score_pair(restored: torch.Tensor, target: torch.Tensor, ssim_window: str = "skimage") -> tuple[float, float]:
+    """PSNR and SSIM of one ``(1, 3, H, W)`` pair (``restored`` already clamped), on the float values.
 
-    ``ssim_window='gaussian'``: 11×11 Gaussian window, σ 1.5, valid region (Wang et al.; BasicSR).
-    ``'skimage'``: ``skimage.metrics.structural_similarity`` defaults (7×7 uniform window, sample
-    covariance), as the PromptIR evaluation code calls it; typically a little lower.
+    ``ssim_window='skimage'``: ``skimage.metrics.structural_similarity`` defaults (7×7 uniform window, sample
+    covariance), as the authors' and PromptIR's evaluators call it. ``'gaussian'``: 11×11 Gaussian window,
+    σ 1.5, valid region (Wang et al.; BasicSR); slightly different values.
     """
-    restored, target = quantize_8bit(restored), quantize_8bit(target)
-    psnr_value = float(psnr(restored, target)[0])
-    if ssim_window == "gaussian":
-        return psnr_value, float(ssim(restored, target)[0])
-    from skimage.metrics import structural_similarity
-
-    def as_array(image: torch.Tensor):
-        return image[0].permute(1, 2, 0).double().numpy()  # (H, W, 3)
-
-    return psnr_value, float(structural_similarity(as_array(target), as_array(restored), data_range=1.0,
-                                                   channel_axis=-1))
+    return float(psnr(restored, target)[0]), float(ssim(restored, target, window=ssim_window)[0])
 
 
 def evaluate(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], sets: Sequence[EvalSet], *,
              device: torch.device | str = "cpu", multiple: int = 8, tile: int | None = None, overlap: int = 32,
-             tile_batch: int = 1, pad_mode: str = "replicate", ssim_window: str = "gaussian",
+             tile_batch: int = 1, pad_mode: str = "replicate", ssim_window: str = "skimage",
              save_dir: Path | None = None, guidance: Callable[[torch.Tensor], dict[str, Any]] | None = None,
              ) -> list[ImageScore]:
     """Score every pair of ``sets``; optionally write the restored images to ``save_dir/<set>/``.
@@ -296,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels, blended linearly")
     parser.add_argument("--tile-batch", type=int, default=1, help="tiles per forward pass")
     parser.add_argument("--pad-mode", choices=["replicate", "reflect"], default="replicate")
-    parser.add_argument("--ssim-window", choices=SSIM_WINDOWS, default="gaussian",
-                        help="gaussian: 11x11, sigma 1.5 (BasicSR); skimage: 7x7 uniform (PromptIR's evaluation)")
+    parser.add_argument("--ssim-window", choices=SSIM_WINDOWS, default="skimage",
+                        help="skimage: 7x7 uniform, the authors' and PromptIR's evaluation; gaussian: 11x11, sigma 1.5 "
+                        "(BasicSR)")
     parser.add_argument("--label", help="row label of the table (default: backbone name)")
     parser.add_argument("--out", help="folder for table.md, summary.csv, per_image.csv")
     parser.add_argument("--save-images", action="store_true", help="also write the restored images to <out>/images")

@@ -21,7 +21,8 @@ it from BSD400/WED, OTS, Rain100L, GoPro and LOL-v1). Steps, all through ``perce
 
 Re-running the same command continues: finished fold models are loaded, an interrupted one resumes from
 ``OUT/folds/fold<k>.ckpt``, rendered images are kept, prompt training resumes from its checkpoint (a finished
-run is not repeated), and changed settings that would mix two recipes in one folder are refused.
+run is not repeated), and changed settings that would mix two recipes in one folder are refused, as are stored
+fold models and medium images made from other image contents (``--rebuild`` makes everything again).
 ``OUT/report.md`` collects the tables. Every number is a flag; a CPU smoke run: ``--backbone restormer-tiny
 --restorer-steps 3 --restorer-crop 32 --prompt-steps 3 --clip tiny``.
 """
@@ -141,7 +142,7 @@ def medium_images(args: argparse.Namespace, pairs: list[dict], out: Path, device
                         task_repeats=fold_repeats(args, pairs))
     return build_triplets(backbone_factory(args.backbone), pairs, args.data_root, out, k=args.folds,
                           train_kwargs=train_kwargs, render_kwargs=render_kwargs(args), device=device,
-                          seed=args.seed, progress=args.progress)
+                          seed=args.seed, rebuild=args.rebuild, progress=args.progress)
 
 
 def audit_set_images(args: argparse.Namespace, out: Path, device: torch.device) -> Path:
@@ -158,7 +159,7 @@ def audit_set_images(args: argparse.Namespace, out: Path, device: torch.device) 
             model = factory()
             model.load_state_dict(load_file(str(out / "folds" / f"fold{fold}.safetensors")), strict=True)
             triplets += render_medium(model, rows, args.audit_root, out / "audit", device=device,
-                                      progress=args.progress, **rendering)
+                                      overwrite=args.rebuild, progress=args.progress, **rendering)
     triplets.sort(key=lambda row: row["degraded"])
     return write_jsonl(out / "audit" / "triplets.jsonl", triplets)
 
@@ -223,7 +224,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = {section: {key: getattr(args, key) for key in keys}
                 for section, keys in (("medium", MEDIUM_KEYS), ("prompts", PROMPT_KEYS))}
     settings["medium"]["bf16"] = bf16
-    check_settings(settings_path, "medium", settings["medium"], (out / "folds" / "settings.json").is_file())
+    if args.rebuild:  # everything below is made again from the data
+        (out / "prompts.ckpt").unlink(missing_ok=True)
+    check_settings(settings_path, "medium", settings["medium"],
+                   (out / "folds" / "settings.json").is_file() and not args.rebuild)
     check_settings(settings_path, "prompts", settings["prompts"], (out / "prompts.ckpt").is_file())
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(settings_path) as tmp:
@@ -323,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     medium.add_argument("--gate-min-in-band", type=float, default=0.50)
     medium.add_argument("--require-gates", action="store_true", help="stop if a task fails the medium-image gates")
     medium.add_argument("--only-medium", action="store_true", help="stop after the gates (no prompts, no audit)")
+    medium.add_argument("--rebuild", action="store_true",
+                        help="retrain the fold models, re-render the medium images and restart the prompts in --out "
+                        "(stored results made from other images or settings are otherwise refused)")
 
     prompts = parser.add_argument_group("prompts and audit (SPEC §1.1, §1.3)")
     prompts.add_argument("--clip", default="ViT-B-32-quickgelu", help="open_clip model name, or 'tiny' (random, tests)")

@@ -3,7 +3,7 @@
     perceive-ir score IMG… --perceiver ORG/NAME|DIR [--json]
     perceive-ir convert authors-prompts FILE --out DIR [--clip-model NAME --pretrained TAG]
     perceive-ir stage1 split ROOT --out pairs.jsonl [--folds 2]
-    perceive-ir stage1 render --pairs pairs.jsonl --root ROOT --out DIR --restorer MODULE:FACTORY [...]
+    perceive-ir stage1 render --pairs pairs.jsonl --root ROOT --out DIR --restorer MODULE:FACTORY [--rebuild] [...]
     perceive-ir stage1 gates --triplets DIR/triplets.jsonl --root ROOT [--json]
     perceive-ir stage1 train-prompts --triplets DIR/triplets.jsonl --root ROOT --out PERCEIVER_DIR [...]
     perceive-ir stage1 audit --perceiver DIR --triplets DIR/triplets.jsonl --root ROOT [--json] [--record]
@@ -144,6 +144,7 @@ def cmd_render(args) -> None:
         train_kwargs=dict(steps=args.steps, crop_size=args.crop_size, batch_size=args.batch_size, lr=args.lr,
                           amp_dtype=torch.bfloat16 if args.bf16 else None),
         render_kwargs=dict(tile=args.tile or None, overlap=args.overlap), device=_device(args.device),
+        rebuild=args.rebuild,
     )
     print(f"wrote {manifest}")
 
@@ -284,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--overlap", type=int, default=32)
     render.add_argument("--bf16", action="store_true")
     render.add_argument("--device")
+    render.add_argument("--rebuild", "--overwrite", action="store_true", dest="rebuild",
+                        help="retrain every fold model and re-render every medium image in --out (stored results "
+                        "made from other images or settings are otherwise refused)")
     render.set_defaults(func=cmd_render)
 
     gates = steps.add_parser("gates", help="per-task sanity gates of the medium images")

@@ -400,7 +400,8 @@ def test_contrastive_gradcheck_float64():
 
 def test_contrastive_single_task_gives_zero_in_graph():
     anchor = unit_vectors(3, 4, 0).float().requires_grad_()
-    loss = DegradationContrastiveLoss()(anchor, anchor.detach().flip(0), torch.zeros(3, dtype=torch.long))
+    with pytest.warns(UserWarning, match="no anchor had a negative"):  # said, not silent
+        loss = DegradationContrastiveLoss()(anchor, anchor.detach().flip(0), torch.zeros(3, dtype=torch.long))
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert anchor.grad.abs().sum() == 0
@@ -485,9 +486,9 @@ def test_quality_aware_loss_checks_every_input_in_one_host_sync(tiny_perceiver, 
     negatives = images(2, 2, 3, 16, 16, seed=3)
     cfe = dict(anchor=unit_vectors(2, 4, 0).float(), positive=unit_vectors(2, 4, 1).float(), labels=torch.tensor([0, 1]))
     criterion(restored, gt, degraded, negatives, **cfe)
-    # restored (checked by DPL and CLIP, reduced once), gt, degraded, the valid negatives, anchor and positive:
-    # one (6, 2) read
-    assert syncs == [torch.Size([6, 2])]
+    # restored (checked by DPL and CLIP, reduced once), gt, degraded, the valid negatives, anchor and positive,
+    # and L_cl's count of anchors with a negative: one (7, 2) read
+    assert syncs == [torch.Size([7, 2])]
     bad = negatives.clone()
     bad[1, 0, 0, 3, 3] = float("nan")
     with pytest.raises(ValueError, match=r"negatives \(valid entries\) contains NaN"):

@@ -55,8 +55,10 @@ def test_cfe_code_form_layers():
 
 
 def test_cfe_rejects_bad_input():
-    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+    with pytest.raises(ValueError, match="images must have 3 channels"):
         CFE()(torch.rand(2, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, H, W\)"):
+        CFE(validate_inputs=False)(torch.rand(2, 1, 16, 16))
     with pytest.raises(ValueError, match="form"):
         CFE(form="paper")
 

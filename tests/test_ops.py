@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -65,10 +66,49 @@ def test_psnr_and_ssim_against_direct_formulas():
     b = (a + 0.05 * torch.randn(3, 3, 24, 24, generator=generator, dtype=torch.float64)).clamp(0, 1)
     mse = ((a - b) ** 2).flatten(1).mean(1)
     assert torch.allclose(psnr(a, b), 10 * torch.log10(1 / mse))
-    assert torch.allclose(ssim(a, a), torch.ones(3, dtype=torch.float32))
-    assert (ssim(a, b) < 0.99).all()
+    for window in ("skimage", "gaussian"):
+        assert torch.allclose(ssim(a, a, window=window), torch.ones(3, dtype=torch.float32))
+        assert (ssim(a, b, window=window) < 0.99).all()
     q = quantize_8bit(torch.tensor([0.0, 0.5, 1.2, -0.1]))
     assert torch.allclose(q, torch.tensor([0.0, 128 / 255, 1.0, 0.0]))
+
+
+def test_default_psnr_and_ssim_are_scikit_image_numbers():
+    """The evaluation protocol: skimage's SSIM defaults and PSNR on the float values, no 8-bit rounding."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    generator = torch.Generator().manual_seed(1)
+    target = torch.rand(2, 3, 37, 53, generator=generator)
+    restored = (target + 0.1 * torch.randn(2, 3, 37, 53, generator=generator)).clamp(0, 1)
+    values_ssim, values_psnr = ssim(restored, target), psnr(restored, target)
+    for index in range(2):
+        true, test = (image[index].permute(1, 2, 0).double().numpy() for image in (target, restored))
+        assert values_ssim[index].item() == np.float32(structural_similarity(true, test, data_range=1.0,
+                                                                             channel_axis=-1))
+        assert values_psnr[index].item() == pytest.approx(peak_signal_noise_ratio(true, test, data_range=1.0),
+                                                          rel=1e-6)
+    gaussian = ssim(restored, target, window="gaussian")
+    assert (gaussian - values_ssim).abs().min() > 1e-4  # the named option is another number
+    assert (ssim(quantize_8bit(restored), target) != values_ssim).all()  # no rounding inside
+
+
+def test_ssim_arguments(monkeypatch):
+    import sys
+
+    images = torch.rand(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="window must be one of"):
+        ssim(images, images, window="box")
+    with pytest.raises(ValueError, match="one shape"):
+        ssim(images, images[..., :7])
+    with pytest.raises(ValueError, match="skimage window needs images of at least 7×7"):
+        ssim(images[..., :6, :], images[..., :6, :])
+    with pytest.raises(ValueError, match="gaussian window needs images of at least 11×11"):
+        ssim(images, images, window="gaussian")
+    monkeypatch.setitem(sys.modules, "skimage.metrics", None)  # scikit-image not installed
+    with pytest.raises(ImportError, match="pip install scikit-image.*window='gaussian'"):
+        ssim(images, images)
+    larger = torch.rand(1, 3, 12, 12)
+    assert ssim(larger, larger, window="gaussian").item() == pytest.approx(1.0)
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
@@ -80,9 +120,13 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert load_state(target)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary left behind
-    target.write_bytes(b"\x80garbage")
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
-        load_state(target)
+    for garbage in (b"\x80garbage", b"", b"PK\x03\x04 cut short"):  # a pickle opcode, empty, a broken zip
+        target.write_bytes(garbage)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(ValueError, match="not a readable checkpoint"):
+                load_state(target)
+        assert not caught, [str(w.message) for w in caught]  # refused before torch guesses a pickle protocol
 
 
 def test_rng_state_round_trip(tmp_path):

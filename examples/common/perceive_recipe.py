@@ -37,6 +37,7 @@ from perceive_components.data.layouts import LAYOUTS, AllInOneTrainSet, standard
 from perceive_components.losses import probe_psnr
 from perceive_components.modules.sgm import DEFAULT_DINOV2, SGM, create_dinov2, spread_blocks
 from perceive_components.ops.checkpoint import atomic_write
+from perceive_components.ops.validation import set_value_checks
 
 from .checkpoints import CheckpointManager
 from .config import add_train_args, config_from_args, parse_repeats
@@ -85,14 +86,17 @@ def is_self_guided(backbone: str) -> bool:
 
 
 def build_net(spec: Mapping[str, Any]) -> nn.Module:
-    """The trainable network described by ``spec`` (``net.json``), with random trainable weights."""
+    """The trainable network described by ``spec`` (``net.json``), with random trainable weights; its input value
+    checks are off (the step's losses check the values, and no check reads back to the host mid-forward)."""
     dinov2, size = build_dinov2(spec["frozen"])
     if spec["adapter"]:
         backbone = create_backbone(spec["backbone"])
-        return PerceiveAdapter(backbone, levels=backbone.decoder_levels(), sgm=dinov2, sgm_kwargs={"image_size": size},
-                               pgca=spec["pgca"], pad=True, validate_inputs=False)
-    sgm = SGM(dinov2, blocks=spread_blocks(len(dinov2.blocks), 4), image_size=size)  # (1, 4, 8, 12) for DINOv2-B
-    return create_backbone(spec["backbone"], dinov2=sgm, semantic_dim=sgm.embed_dim, dinov2_image_size=size)
+        net = PerceiveAdapter(backbone, levels=backbone.decoder_levels(), sgm=dinov2, sgm_kwargs={"image_size": size},
+                              pgca=spec["pgca"], pad=True)
+    else:
+        sgm = SGM(dinov2, blocks=spread_blocks(len(dinov2.blocks), 4), image_size=size)  # (1, 4, 8, 12) for DINOv2-B
+        net = create_backbone(spec["backbone"], dinov2=sgm, semantic_dim=sgm.embed_dim, dinov2_image_size=size)
+    return set_value_checks(net, False)
 
 
 def backbone_of(net: nn.Module) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Periodic validation: whole images, fp32, PSNR/SSIM on 8-bit values (SPEC.md §4), sample grids.
+"""Periodic validation: whole images, fp32, PSNR/SSIM on the clamped float output (docs/method.md §4), grids.
 
 Each validation set is split across processes (image ``i`` goes to rank ``i mod W``); the per-image
 sums are all-reduced, so every process gets the same per-set means. Images are replicate-padded to a
@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from perceive_components.ops.io import write_image
-from perceive_components.ops.metrics import psnr, quantize_8bit, ssim
+from perceive_components.ops.metrics import psnr, ssim
 from perceive_components.ops.tiling import pad_to_multiple
 
 from .distributed import DistEnv
@@ -51,8 +51,7 @@ def validate(model: nn.Module, val_sets: Mapping[str, Dataset], env: DistEnv, *,
             target = item["target"][None].to(env.device)
             padded, (height, width) = pad_to_multiple(degraded, pad_multiple, mode="replicate")
             restored = predict(model, padded).float()[..., :height, :width].clamp(0, 1)
-            restored_8bit, target_8bit = quantize_8bit(restored), quantize_8bit(target)
-            sums += torch.tensor([psnr(restored_8bit, target_8bit).item(), ssim(restored_8bit, target_8bit).item(), 1.0],
+            sums += torch.tensor([psnr(restored, target).item(), ssim(restored, target).item(), 1.0],
                                  dtype=torch.float64)
             if env.is_main and grid_dir is not None and index < num_grids * env.world_size:
                 write_image(grid_dir / f"{name}_{index}.png", grid_row(degraded[0], restored[0], target[0]).cpu())

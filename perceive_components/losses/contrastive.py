@@ -13,9 +13,15 @@ only the local anchors and positives (the gathered copies are detached, as are t
 one process), with ∂L/∂z_i equal to the single-process gradient on the concatenated batch; with
 ``ddp_mean_gradients=True`` (default) that local gradient is multiplied by the world size, so that
 DDP's gradient *averaging* yields exactly the single-process parameter gradient.
+
+A batch that holds one task only has no negative at all: L_cl is then 0 and CFE learns nothing from it.
+``DegradationContrastiveLoss`` counts such calls (the count rides along in the value checks' one host
+sync, no extra sync) and warns (``NoNegativesWarning``) at the 1st, 2nd, 4th, 8th … of them, with the
+count so far; mix tasks in every batch, e.g. with ``perceive_components.data.TaskMixingBatchSampler``.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -23,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data.tasks import TaskLike, TaskVocabulary, as_vocabulary
-from ..ops.validation import check_values, deferred_value_checks
+from ..ops.validation import check_values, defer_host_read, deferred_value_checks
 from .common import check_loss_weight, check_reduction
 
 TEMPERATURE = 0.1
@@ -39,6 +45,10 @@ def task_labels(labels: Labels, vocabulary: TaskVocabulary | Sequence[str] | Non
     if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
         raise TypeError(f"labels must be an integer tensor of task ids or a sequence of task names, got {labels!r}")
     return as_vocabulary(vocabulary, "vocabulary").labels(labels, device=device)
+
+
+class NoNegativesWarning(UserWarning):
+    """Calls of ``DegradationContrastiveLoss`` in which no anchor had a negative (one task per batch)."""
 
 
 def _check_inputs(anchor: object, positive: object, labels: object) -> None:
@@ -129,6 +139,13 @@ def degradation_contrastive_loss(
     (the local ``(B,)`` per-anchor losses, 0 where an anchor has no negative). Distributed use needs an
     initialised process group (default group unless ``process_group`` is given); every rank must call it.
     """
+    return _loss_and_counts(anchor, positive, labels, vocabulary, temperature, reduction, process_group,
+                            ddp_mean_gradients)[0]
+
+
+def _loss_and_counts(anchor, positive, labels, vocabulary, temperature, reduction, process_group, ddp_mean_gradients
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_cl and ``[anchors with a negative, anchors]`` (global for 'mean'/'sum' under DDP), on the device."""
     check_reduction(reduction)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
@@ -144,27 +161,31 @@ def degradation_contrastive_loss(
         real = torch.ones_like(labels, dtype=torch.bool)
 
     per_anchor, valid = info_nce_per_anchor(anchor, positive, labels, bank, bank_labels, real, temperature)
+    local_counts = torch.stack([valid.sum(), torch.full((), valid.numel(), device=valid.device)])  # no copy
     if reduction == "none":
-        return per_anchor
+        return per_anchor, local_counts
 
     local_sum = per_anchor.sum()
     if not distributed:
         count = valid.sum()
-        return local_sum / count.clamp_min(1) if reduction == "mean" else local_sum
+        return (local_sum / count.clamp_min(1) if reduction == "mean" else local_sum), local_counts
     stats = torch.stack([local_sum.detach(), valid.sum().to(local_sum.dtype)])
     dist.all_reduce(stats, group=process_group)
     global_sum, global_count = stats[0], stats[1]
     scale = float(world) if ddp_mean_gradients else 1.0
     # value = the global sum; gradient = scale × ∂(local part)/∂(local anchors and positives)
     total = global_sum + scale * (local_sum - local_sum.detach())
-    return total / global_count.clamp_min(1) if reduction == "mean" else total
+    counts = torch.stack([global_count.detach(), real.sum().to(global_count.dtype)])
+    return (total / global_count.clamp_min(1) if reduction == "mean" else total), counts
 
 
 class DegradationContrastiveLoss(nn.Module):
     """L_cl as a module: ``forward(anchor (B, D), positive (B, D), labels (B,)) -> loss``.
 
     Holds no parameters. ``labels``: integer task ids or names of ``vocabulary`` (default ``STANDARD_TASKS``).
-    See ``degradation_contrastive_loss`` for the distributed semantics.
+    See ``degradation_contrastive_loss`` for the distributed semantics. Counts the calls in which no anchor had
+    a negative (``calls_without_negatives`` of ``calls``) and warns about them (``NoNegativesWarning``, on rank 0)
+    at the 1st, 2nd, 4th, 8th … such call.
     """
 
     def __init__(self, temperature: float = TEMPERATURE, *, loss_weight: float = 1.0, reduction: str = "mean",
@@ -179,13 +200,29 @@ class DegradationContrastiveLoss(nn.Module):
         self.reduction = check_reduction(reduction)
         self.process_group = process_group
         self.ddp_mean_gradients = bool(ddp_mean_gradients)
+        self.calls = self.calls_without_negatives = 0
 
     def forward(self, anchor: torch.Tensor, positive: torch.Tensor, labels: Labels) -> torch.Tensor:
-        loss = degradation_contrastive_loss(
-            anchor, positive, labels, vocabulary=self.vocabulary, temperature=self.temperature,
-            reduction=self.reduction, process_group=self.process_group, ddp_mean_gradients=self.ddp_mean_gradients,
-        )
+        with deferred_value_checks():  # the count joins the value checks' one host sync
+            loss, counts = _loss_and_counts(anchor, positive, labels, self.vocabulary, self.temperature,
+                                            self.reduction, self.process_group, self.ddp_mean_gradients)
+            defer_host_read(counts, self._note_negatives)
         return self.loss_weight * loss
+
+    def _note_negatives(self, with_negative: float, anchors: float) -> None:
+        self.calls += 1
+        if anchors == 0 or with_negative > 0:
+            return
+        self.calls_without_negatives += 1
+        count = self.calls_without_negatives
+        if count & (count - 1) or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+            return  # warn at the 1st, 2nd, 4th, 8th … such call only, and on rank 0 only
+        warnings.warn(
+            f"DegradationContrastiveLoss: no anchor had a negative (an image of another task in the batch) in "
+            f"{count} of {self.calls} calls so far, so L_cl was 0 there and CFE learnt nothing from them. Mix "
+            "tasks in every batch, e.g. batch_sampler=perceive_components.data.TaskMixingBatchSampler(labels, "
+            "batch_size, min_tasks=2). (Repeated at the 2nd, 4th, 8th … such call.)",
+            NoNegativesWarning)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, loss_weight={self.loss_weight}, reduction={self.reduction!r}"

@@ -8,6 +8,9 @@ The VGG ``features`` stack is cut right after the deepest tap (relu3_3 = ``featu
 (a block ends at each max-pool) and by position inside the block: ``relu{block}_{index}``. The VGG
 ReLUs are in place, so the taps are taken at ReLU *outputs*: the layer after a ReLU is a conv or a
 pool, which never writes into its input.
+
+Images of any floating dtype are computed in the VGG's dtype (a float64 ``restored`` runs through the float32
+VGG; its gradient flows back in float64); under autocast the convolutions then cast as usual.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
+
+from ..ops.validation import as_parameter_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +86,7 @@ class VGGFeatures(nn.Module):
             self.register_buffer(name, torch.tensor(value, dtype=torch.float64).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        images = as_parameter_dtype(images, self.features)
         x = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
         wanted, outputs = set(self.tap_positions), []
         for position, layer in enumerate(self.features):

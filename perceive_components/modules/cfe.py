@@ -14,6 +14,12 @@ Figure form (``form="figure"``, our reading of the paper's figure): Conv3×3_s2 
 The contrastive loss L_cl needs a positive view: another random crop of the *same* degraded image with
 its own flips (``make_positive_view``). Z is returned in at least float32 (also under autocast) because
 the loss divides similarities by τ = 0.1.
+
+Inputs: floating images in [0, 1] of any floating dtype (computed in the module's dtype: a float64 batch
+runs through a float32 CFE); an integer tensor is a ``TypeError``. NaN/Inf or out-of-range values are a
+``ValueError``. That value check adds no host sync inside an enclosing ``deferred_value_checks`` block (the
+adapter's), and one, after the encoder's work is queued, for a call on its own; ``validate_inputs=False``
+skips it, and it is skipped while ``torch.compile`` traces.
 """
 from __future__ import annotations
 
@@ -23,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.validation import check_choice, check_positive_int
+from ..ops.validation import (
+    as_parameter_dtype, check_choice, check_images, check_positive_int, compiling, deferred_value_checks,
+)
 
 CFE_FORMS = ("code", "figure")
 CODE_WIDTHS = (32, 64, 96, 128)
@@ -47,11 +55,13 @@ class CFE(nn.Module):
 
     Args:
         embed_dim: width of Z (128). form: ``"code"`` (default) or ``"figure"``.
+        validate_inputs: check the images' values (finite, in [0, 1]); see the module docstring.
     """
 
-    def __init__(self, embed_dim: int = 128, form: str = "code") -> None:
+    def __init__(self, embed_dim: int = 128, form: str = "code", validate_inputs: bool = True) -> None:
         super().__init__()
         self.embed_dim = check_positive_int(embed_dim, "embed_dim")
+        self.validate_inputs = bool(validate_inputs)
         self.form = check_choice(form, "form", CFE_FORMS)
         if form == "code":
             layers: list[nn.Module] = []
@@ -66,10 +76,26 @@ class CFE(nn.Module):
             self.projection = nn.Sequential(nn.Linear(64, 128), nn.LeakyReLU(0.1), nn.Linear(128, embed_dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
-        z = self.projection(self.encoder(images))
+        """``images (B, 3, H, W)`` floating, in [0, 1] → ``Z (B, embed_dim)``, unit L2 norm."""
+        if not self.validate_inputs or compiling():
+            _check_layout(images)
+            return self._embed(images)
+        with deferred_value_checks():  # the value check is read once the encoder's work is queued
+            check_images(images, "images")
+            return self._embed(images)
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        z = self.projection(self.encoder(as_parameter_dtype(images, self)))
         return F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
+
+
+def _check_layout(images: object) -> None:
+    """Rank, channels and a floating dtype: the checks that need no host sync."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape (B, 3, H, W), got {getattr(images, 'shape', type(images))}")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be a floating-point tensor with values in [0, 1], got dtype {images.dtype}"
+                        " (convert uint8 images with .float() / 255)")
 
 
 def make_positive_view(

@@ -59,8 +59,19 @@ def save_state(state: dict[str, Any], path: str | os.PathLike) -> None:
         torch.save(state, tmp)
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive; anything else is not a state of ours
+
+
 def load_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a state written by ``save_state`` with ``weights_only=True`` (no arbitrary unpickling)."""
+    """Load a state written by ``save_state`` with ``weights_only=True`` (no arbitrary unpickling).
+
+    A file that is not a torch zip archive is refused before ``torch.load`` sees it (torch would try it as a
+    legacy pickle and, for arbitrary bytes, warn about an unknown pickle protocol).
+    """
+    with open(path, "rb") as handle:
+        if handle.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+            raise ValueError(f"{path} is not a readable checkpoint (not a torch zip archive, so not written by "
+                             "save_state)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:

@@ -3,14 +3,16 @@
 Each check names the argument, says what was expected and what came. They run once, at the public
 boundary; internal code trusts its inputs. Value checks (finite, range) cost one fused reduction each and
 a host sync; inside :func:`deferred_value_checks` the syncs wait until the block's work is queued, and all
-of its checks share one sync per device.
+of its checks share one sync per device. :func:`defer_host_read` lets other numbers (e.g. a count for a
+warning) ride along in that same sync.
 """
 from __future__ import annotations
 
 import math
 import threading
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from functools import partial
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -51,7 +53,8 @@ def check_images(
     return images
 
 
-_deferred = threading.local()  # .checks: the open block's pending (tensor, stats, name, value_range), or None
+_deferred = threading.local()  # .checks: the open block's pending (tensor, value_range, stats, handle), or None
+HostHandler = Callable[[float, float], None]  # receives the two numbers of a pending read, on the host
 
 
 @contextmanager
@@ -68,18 +71,30 @@ def deferred_value_checks() -> Iterator[None]:
     if getattr(_deferred, "checks", None) is not None:
         yield
         return
-    checks: list[tuple[torch.Tensor, torch.Tensor, str, tuple[float, float] | None]] = []
+    checks: list[tuple[torch.Tensor | None, tuple[float, float] | None, torch.Tensor, HostHandler]] = []
     _deferred.checks = checks
     try:
         yield
     finally:
         _deferred.checks = None
     rows: dict[int, list[float]] = {}
-    for device in {stats.device for _, stats, _, _ in checks}:
-        indices = [i for i, (_, stats, _, _) in enumerate(checks) if stats.device == device]
-        rows.update(zip(indices, host_values(torch.stack([checks[i][1] for i in indices]))))
-    for index, (_, _, name, value_range) in enumerate(checks):
-        _raise_for_min_max(*rows[index], name, value_range)
+    for device in {stats.device for _, _, stats, _ in checks}:
+        indices = [i for i, (_, _, stats, _) in enumerate(checks) if stats.device == device]
+        rows.update(zip(indices, host_values(torch.stack([checks[i][2] for i in indices]))))
+    for index, (_, _, _, handle) in enumerate(checks):
+        handle(*rows[index])
+
+
+def defer_host_read(pair: torch.Tensor, handle: HostHandler) -> None:
+    """Call ``handle(a, b)`` with the two numbers of ``pair`` (e.g. a count and a total) once they are on the
+    host: within the one sync at the end of the enclosing :func:`deferred_value_checks` block (in call order
+    with its checks), or at once outside a block. ``pair`` stays on its device until then."""
+    stats = pair.detach().reshape(2).float()
+    pending = getattr(_deferred, "checks", None)
+    if pending is None:
+        handle(*host_values(stats))
+    else:
+        pending.append((None, None, stats, handle))
 
 
 def host_values(stats: torch.Tensor) -> list:
@@ -112,11 +127,37 @@ def check_values(
     """Raise ``ValueError`` if ``tensor`` holds NaN/Inf or leaves ``value_range`` by more than the tolerance
     (at the end of the enclosing :func:`deferred_value_checks` block, if any)."""
     pending = getattr(_deferred, "checks", None)
+    handle = partial(_raise_for_min_max, name=name, value_range=value_range)
     if pending is None:
-        low, high = host_values(value_stats(tensor))
-        _raise_for_min_max(low, high, name, value_range)
-    elif not any(queued is tensor and queued_range == value_range for queued, _, _, queued_range in pending):
-        pending.append((tensor, value_stats(tensor), name, value_range))
+        handle(*host_values(value_stats(tensor)))
+    elif not any(queued is tensor and queued_range == value_range for queued, queued_range, _, _ in pending):
+        pending.append((tensor, value_range, value_stats(tensor), handle))
+
+
+def compiling() -> bool:
+    """True while ``torch.compile`` traces: a value check reads back to the host, which would break the graph,
+    so modules skip their value checks there (shape and dtype checks still run)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    if is_compiling is None:  # torch < 2.3
+        from torch._dynamo import is_compiling
+    return bool(is_compiling())
+
+
+def as_parameter_dtype(tensor: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """``tensor`` cast to the floating dtype of ``module``'s parameters, so that e.g. a float64 input runs
+    through a float32 module instead of failing inside it (under autocast the layers then cast as usual)."""
+    parameter = next(module.parameters(), None)
+    return tensor if parameter is None or tensor.dtype == parameter.dtype else tensor.to(parameter.dtype)
+
+
+def set_value_checks(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """Switch the input value checks (``validate_inputs``) of ``module`` and every submodule that has them
+    (PerceiveAdapter, CFE, PGM), e.g. off inside a training step whose losses check the values anyway, so
+    that no check reads back to the host in the middle of the forward pass. Returns ``module``."""
+    for submodule in module.modules():
+        if hasattr(submodule, "validate_inputs"):
+            submodule.validate_inputs = bool(enabled)
+    return module
 
 
 def check_same_shape(reference: torch.Tensor, ref_name: str, other: torch.Tensor, other_name: str) -> None:

@@ -6,6 +6,8 @@ low = 0 (terrible), medium = 1 (mediocre), high = 2 (excellent).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -106,6 +108,12 @@ class TripletImages(Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the manifest rows in use: paths, tasks, folds and, in a manifest written by
+        ``build_triplets``, the file hashes and the weights hash of each medium image's fold model."""
+        rows = sorted(json.dumps(row, sort_keys=True) for row in self.rows)
+        return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()
 
     def __getitem__(self, index: int) -> dict:
         if self._cache is not None and index in self._cache:

@@ -80,9 +80,13 @@ class _StepBatches(Dataset):
 
 
 def _run_signature(perceiver, triplets, steps, batch_size, lr, min_lr, weight_decay, crop_size, seed) -> dict:
+    """What a resumable checkpoint must agree on; ``triplets`` is the data set's content fingerprint when it
+    has one (``TripletImages.fingerprint``), so a checkpoint made on other triplets is not resumed."""
+    fingerprint = getattr(triplets, "fingerprint", None)
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "min_lr": min_lr, "weight_decay": weight_decay,
             "crop_size": crop_size, "seed": seed, "n_triplets": len(triplets),
-            "ctx_shape": list(perceiver.prompt_learner.ctx.shape)}
+            "ctx_shape": list(perceiver.prompt_learner.ctx.shape),
+            "triplets": fingerprint() if callable(fingerprint) else None}
 
 
 def train_prompts(
@@ -184,6 +188,7 @@ def train_prompts(
         "batch_size": batch_size, "lr": lr, "min_lr": min_lr, "weight_decay": weight_decay,
         "crop_size": crop_size, "task_balanced": task_balanced, "seed": seed,
         "final_loss": history["loss"][-1] if history["loss"] else None,
+        **({"triplets_sha256": signature["triplets"]} if signature["triplets"] else {}),
     }
     return history
 
