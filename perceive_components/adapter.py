@@ -39,7 +39,7 @@ from .modules.pgm import PGM
 from .modules.sgm import DEFAULT_DINOV2, SGM
 from .ops.checkpoint import atomic_write
 from .ops.tiling import pad_to_multiple
-from .ops.validation import check_images, check_positive_int, deferred_value_checks
+from .ops.validation import check_images, check_positive_int, deferred_value_checks, set_value_checks
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +143,9 @@ class PerceiveAdapter(nn.Module):
             "sgm_blocks": list(self.sgm.blocks) if self.sgm is not None else None, "prior_dim": prior_dim,
             "pgca": bool(pgca), "pgm_form": pgm_form, "zero_init": bool(zero_init),
         }
+        # Values are checked once, at this boundary (the images); CFE and PGM inside trust their inputs, so no
+        # reduction or host read happens per level.
+        set_value_checks(self.perceive, False)
         self._token = _FrameToken()  # copied with the adapter (deepcopy, pickle), shared by DataParallel replicas
         modules = dict(backbone.named_modules())
         self._handles = [

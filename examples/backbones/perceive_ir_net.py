@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from perceive_components.guidance import Guidance, check_guidance, compute_guidance
+from perceive_components.ops.validation import set_value_checks
 from perceive_components.modules import CFE, ETB, GDFN, MDTA, PGCA, PGM, SGM, LayerNorm2d, RestormerBlock
 from perceive_components.modules.sgm import DEFAULT_DINOV2
 
@@ -185,6 +186,7 @@ class PerceiveIRNet(RestorationBackbone):
         self.output = nn.Conv2d(dim, 3, 3, padding=1)
 
         self.sgm = sgm  # no parameters, no state: the DINOv2 is held frozen inside it
+        set_value_checks(self, False)  # internal CFE/PGM inputs are trusted: no reduction or host read per level
 
     # ------------------------------------------------------------------ metadata
     @property

@@ -8,7 +8,9 @@
 - ``QualityAwareLoss``: L1 + λ1·L_cl + λ2·L_clip + λ3·L_dpl, returning ``(total, terms)`` (§2.4).
 """
 from .clip_aware import CLIPAwareLoss, clip_aware_loss
-from .contrastive import DegradationContrastiveLoss, degradation_contrastive_loss, info_nce_per_anchor
+from .contrastive import (
+    DegradationContrastiveLoss, NoNegativesWarning, degradation_contrastive_loss, info_nce_per_anchor,
+)
 from .perceptual import (
     DifficultyAdaptivePerceptualLoss,
     difficulty_adaptive_perceptual_loss,
@@ -22,6 +24,7 @@ __all__ = [
     "CLIPAwareLoss",
     "DegradationContrastiveLoss",
     "DifficultyAdaptivePerceptualLoss",
+    "NoNegativesWarning",
     "QualityAwareLoss",
     "VGGFeatures",
     "clip_aware_loss",
