@@ -2,6 +2,7 @@
 
     perceive-ir score IMG… --perceiver ORG/NAME|DIR [--json]
     perceive-ir convert authors-prompts FILE --out DIR [--clip-model NAME --pretrained TAG]
+    perceive-ir stage1 run --data-root ROOT --out DIR --restorer MODULE:FACTORY [...]   (all of stage 1)
     perceive-ir stage1 split ROOT --out pairs.jsonl [--folds 2]
     perceive-ir stage1 render --pairs pairs.jsonl --root ROOT --out DIR --restorer MODULE:FACTORY [--rebuild] [...]
     perceive-ir stage1 gates --triplets DIR/triplets.jsonl --root ROOT [--json]
@@ -72,6 +73,20 @@ def _factory(spec: str, kwargs_json: str | None) -> Callable:
     return lambda: factory(**kwargs)
 
 
+def _task_repeats(items: Sequence[str]) -> dict[str, float]:
+    """``["rain=120", "blur=50"]`` → ``{"rain": 120.0, "blur": 50.0}``; ``CommandError`` naming the bad item."""
+    repeats = {}
+    for item in items:
+        task, _, value = item.partition("=")
+        try:
+            repeats[task] = float(value)
+        except ValueError:
+            raise CommandError(f"--restorer-repeat takes TASK=N items (e.g. rain=120), got {item!r}") from None
+        if not task or not repeats[task] > 0:
+            raise CommandError(f"--restorer-repeat takes TASK=N items with N > 0 (e.g. rain=120), got {item!r}")
+    return repeats
+
+
 def _print_json(value) -> None:
     print(json.dumps(value, indent=2, sort_keys=True))
 
@@ -124,6 +139,31 @@ def cmd_convert_authors_prompts(args) -> None:
 
 
 # ----------------------------------------------------------------------------- stage 1
+def cmd_run(args) -> None:
+    from .stage1 import MediumSettings, PromptSettings, run_stage1
+
+    medium = MediumSettings(
+        folds=args.folds, steps=args.restorer_steps, crop_size=args.restorer_crop, batch_size=args.restorer_batch,
+        lr=args.restorer_lr, min_lr=args.restorer_min_lr, task_repeats=_task_repeats(args.restorer_repeat),
+        tile=args.tile or None, overlap=args.overlap)
+    prompts = PromptSettings(
+        clip_model=args.clip_model, pretrained=args.pretrained or None, n_ctx=args.n_ctx,
+        tier_words=tuple(args.tier_words), steps=args.prompt_steps, batch_size=args.prompt_batch, lr=args.prompt_lr,
+        min_lr=args.prompt_min_lr, weight_decay=args.prompt_weight_decay, crop_size=args.prompt_crop,
+        task_balanced=args.task_balanced, holdout_fold=args.holdout_fold)
+    result = run_stage1(
+        args.data_root, args.out, _factory(args.restorer, args.restorer_kwargs), medium=medium, prompts=prompts,
+        tasks=args.tasks, audit_root=args.audit_root, audit_views=args.audit_views, gate_band=tuple(args.gate_band),
+        gate_min_improved=args.gate_min_improved, gate_min_in_band=args.gate_min_in_band,
+        require_gates=args.require_gates, only_medium=args.only_medium, rebuild=args.rebuild, seed=args.seed,
+        device=args.device, bf16=args.bf16, workers=args.workers, checkpoint_every=args.checkpoint_every,
+        perceiver_out=args.perceiver_out, restorer_name=args.restorer + (f" {args.restorer_kwargs}"
+                                                                         if args.restorer_kwargs else ""),
+        progress=args.progress)
+    print(result.report.read_text(encoding="utf-8"))
+    print(f"wrote {result.report}")
+
+
 def cmd_split(args) -> None:
     from .stage1 import assign_folds, scan_pairs, write_jsonl
 
@@ -156,16 +196,13 @@ def _triplets(args):
 
 
 def cmd_gates(args) -> None:
-    from .stage1 import medium_gates
+    from .stage1 import gates_table, medium_gates
 
     report = medium_gates(_triplets(args))
     if args.json:
         _print_json(report)
         return
-    print(f"{'task':<12} {'n':>5} {'PSNR improved':>14} {'r in band':>10} {'r median':>9} {'gain dB':>8}  passed")
-    for task, row in [*report["per_task"].items(), ("overall", report["overall"])]:
-        print(f"{task:<12} {row['n']:>5} {row['psnr_improved_rate']:>14.3f} {row['r_in_band_rate']:>10.3f} "
-              f"{row['r_median']:>9.3f} {row['mean_psnr_gain_db']:>8.2f}  {row['passed']}")
+    print(gates_table(report))
 
 
 def cmd_train_prompts(args) -> None:
@@ -177,10 +214,10 @@ def cmd_train_prompts(args) -> None:
     if args.init:
         perceiver = QualityPerceiver.from_pretrained(args.init)
     else:
-        perceiver = QualityPerceiver(clip_model=args.clip_model, pretrained=args.pretrained, n_ctx=args.n_ctx)
+        perceiver = QualityPerceiver(clip_model=args.clip_model, pretrained=args.pretrained or None, n_ctx=args.n_ctx)
     crop = args.crop_size or perceiver.image_size[0]
     train_prompts(perceiver, _triplets(args), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                  crop_size=crop, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                  min_lr=args.min_lr, weight_decay=args.weight_decay, crop_size=crop, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                   device=_device(args.device), num_workers=args.workers,
                   amp_dtype=torch.bfloat16 if args.bf16 else None, seed=args.seed)
     perceiver.save_pretrained(args.out)
@@ -188,7 +225,7 @@ def cmd_train_prompts(args) -> None:
 
 
 def cmd_audit(args) -> None:
-    from .stage1 import audit_perceiver
+    from .stage1 import audit_perceiver, audit_table
 
     perceiver = _load_perceiver(args.perceiver, args.clip_model, args.pretrained)
     report = audit_perceiver(perceiver, _triplets(args), views=args.views, device=_device(args.device),
@@ -200,20 +237,7 @@ def cmd_audit(args) -> None:
     if args.json:
         _print_json(report)
         return
-    print(format_audit(report))
-
-
-def format_audit(report: dict) -> str:
-    """The audit as a plain-text table (per task, then overall, then the authors' gate)."""
-    lines = [f"{'task':<12} {'n':>5} {'accuracy':>9} {'strict':>7} {'monotonic':>10} {'q(d/m/g)':>17}"]
-    for task, row in [*report["per_task"].items(), ("overall", report)]:
-        q = "/".join(f"{v:.2f}" for v in row["mean_q"])
-        lines.append(f"{task:<12} {row['n_triplets']:>5} {row['accuracy']:>9.3f} {row['strict']:>7.3f} "
-                     f"{row['monotonic']:>10.3f} {q:>17}")
-    gate = report["gate"]
-    checks = ", ".join(f"{k} {v['value']:.2f}≥{v['threshold']}" for k, v in gate.items() if k != "passed")
-    lines.append(f"authors' gate {'PASSED' if gate['passed'] else 'not passed'}: {checks}")
-    return "\n".join(lines)
+    print(audit_table(report))
 
 
 # ----------------------------------------------------------------------------- parser
@@ -237,6 +261,66 @@ def _add_triplet_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triplets", required=True, help="triplets.jsonl written by `stage1 render`")
     parser.add_argument("--root", required=True, help="data root the degraded/clean paths are relative to")
     parser.add_argument("--medium-root", help="folder the medium paths are relative to (default: the manifest's)")
+
+
+def _add_run_parser(steps) -> None:
+    """``perceive-ir stage1 run``: every flag of ``run_stage1``, defaults the authors' (docs/reproduce.md §2)."""
+    run = steps.add_parser("run", help="all of stage 1 with the authors' defaults: fold models, medium images, gates, "
+                           "prompts, audit, perceiver, report (resumable)",
+                           description="All of stage 1 (perceive_components.stage1.run_stage1); re-running the same "
+                           "command continues where it stopped, and other settings in the same --out are refused.")
+    run.add_argument("--data-root", required=True, help="training data, ROOT/<task>/{degraded,clean}/")
+    run.add_argument("--out", required=True, help="run folder (fold models, medium images, checkpoints, report)")
+    run.add_argument("--restorer", required=True, help="fold-model factory: 'module:callable' or 'file.py:callable', "
+                     "e.g. examples.backbones:Restormer (the authors' fold model)")
+    run.add_argument("--restorer-kwargs", help="JSON keyword arguments for the factory")
+    run.add_argument("--tasks", nargs="+", metavar="TASK", help="use only these task folders (default: all)")
+    run.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if available)")
+    run.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                     help="bf16 autocast for the fold models and the text tower (default: on CUDA only)")
+    run.add_argument("--seed", type=int, default=0, help="fold model k uses seed + k; the prompts use seed")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+
+    medium = run.add_argument_group("fold models and medium images (docs/method.md §1.2)")
+    medium.add_argument("--folds", type=_positive_int, default=2, help="K")
+    medium.add_argument("--restorer-steps", type=_positive_int, default=20_000)
+    medium.add_argument("--restorer-crop", type=_positive_int, default=128)
+    medium.add_argument("--restorer-batch", type=_positive_int, default=4)
+    medium.add_argument("--restorer-lr", type=float, default=2e-4)
+    medium.add_argument("--restorer-min-lr", type=float, default=1e-6)
+    medium.add_argument("--restorer-repeat", nargs="*", default=[], metavar="TASK=N",
+                        help="task repeat factors over the authors' (noise 1, haze 1, rain 120, blur 50, lowlight 40; "
+                        "others 1)")
+    medium.add_argument("--tile", type=int, default=512, help="render tile size (0: whole images)")
+    medium.add_argument("--overlap", type=int, default=32, help="render tile overlap")
+    medium.add_argument("--gate-band", type=float, nargs=2, default=[0.25, 0.85], metavar=("LOW", "HIGH"))
+    medium.add_argument("--gate-min-improved", type=float, default=0.90)
+    medium.add_argument("--gate-min-in-band", type=float, default=0.50)
+    medium.add_argument("--require-gates", action="store_true", help="stop if a task fails the medium-image gates")
+    medium.add_argument("--only-medium", action="store_true", help="stop after the gates (no prompts, no audit)")
+    medium.add_argument("--rebuild", action="store_true", help="retrain the fold models, re-render the medium images "
+                        "and restart the prompts in --out (results of other images or settings are otherwise refused)")
+
+    prompts = run.add_argument_group("prompts and audit (docs/method.md §1.1, §1.3)")
+    prompts.add_argument("--clip-model", default="ViT-B-32-quickgelu",
+                         help="open_clip name; perceive-tiny-clip (with --pretrained '') for smoke runs")
+    prompts.add_argument("--pretrained", default="openai", help="open_clip weight tag ('' for none)")
+    prompts.add_argument("--n-ctx", type=_positive_int, default=16)
+    prompts.add_argument("--tier-words", nargs=3, default=["terrible", "mediocre", "excellent"])
+    prompts.add_argument("--prompt-steps", type=_positive_int, default=100_000)
+    prompts.add_argument("--prompt-batch", type=_positive_int, default=32, help="triplets per step (3x images)")
+    prompts.add_argument("--prompt-lr", type=float, default=4e-5)
+    prompts.add_argument("--prompt-min-lr", type=float, default=1e-6)
+    prompts.add_argument("--prompt-weight-decay", type=float, default=0.01, help="AdamW's default, as the authors")
+    prompts.add_argument("--prompt-crop", type=_positive_int, help="shared crop size (default: the CLIP input size)")
+    prompts.add_argument("--task-balanced", action=argparse.BooleanOptionalAction, default=True)
+    prompts.add_argument("--checkpoint-every", type=_positive_int, default=500)
+    prompts.add_argument("--workers", type=int, help="prompt-batch loader processes (default: 8 on CUDA, 0 on CPU)")
+    prompts.add_argument("--holdout-fold", type=int, help="train the prompts without this fold and audit on it")
+    prompts.add_argument("--audit-root", help="test data ROOT/<task>/{degraded,clean}/ to audit on")
+    prompts.add_argument("--audit-views", choices=("five", "center", "whole"), default="five")
+    prompts.add_argument("--perceiver-out", help="where to save the perceiver (default: OUT/perceiver)")
+    run.set_defaults(func=cmd_run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage1 = commands.add_parser("stage1", help="stage 1: folds, medium images, prompt training, audit")
     steps = stage1.add_subparsers(dest="stage1_command", required=True, metavar="STEP")
+
+    _add_run_parser(steps)
 
     split = steps.add_parser("split", help="pair ROOT/<task>/{degraded,clean} images and assign K folds")
     split.add_argument("root")
@@ -305,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=_positive_int, default=100_000)
     train.add_argument("--batch-size", type=_positive_int, default=32)
     train.add_argument("--lr", type=float, default=4e-5)
+    train.add_argument("--min-lr", type=float, default=1e-6, help="end of the cosine decay")
+    train.add_argument("--weight-decay", type=float, default=0.01, help="AdamW's (the authors use its default, 0.01)")
     train.add_argument("--crop-size", type=_positive_int, help="default: the CLIP input size")
     train.add_argument("--checkpoint", help="resumable state file")
     train.add_argument("--checkpoint-every", type=_positive_int, default=500)

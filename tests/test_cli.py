@@ -76,7 +76,7 @@ def test_score_errors_have_exit_codes(tmp_path, perceiver_dir, capsys):
     assert info.value.code == 2
 
 
-def test_stage1_commands_end_to_end(tmp_path, perceiver_dir, clip_dir, capsys):
+def test_stage1_commands_end_to_end(tmp_path, capsys):
     data, out = tmp_path / "data", tmp_path / "stage1"
     write_pair_folder(data, n_per_task=4, size=32)
     (tmp_path / "restorer.py").write_text(RESTORER)
@@ -91,17 +91,20 @@ def test_stage1_commands_end_to_end(tmp_path, perceiver_dir, clip_dir, capsys):
     assert main(["stage1", "gates", "--triplets", str(triplets), "--root", str(data), "--json"]) == 0
     gates = json.loads(capsys.readouterr().out)
     assert set(gates["per_task"]) == {"noise", "haze"}
+    assert main(["stage1", "gates", "--triplets", str(triplets), "--root", str(data)]) == 0
+    assert capsys.readouterr().out.startswith("| task | pairs | PSNR improved | r in [0.25, 0.85] |")
     trained = tmp_path / "trained"
     assert main(["stage1", "train-prompts", "--triplets", str(triplets), "--root", str(data), "--out", str(trained),
-                 "--clip-model", f"local-dir:{clip_dir}", "--pretrained", "", "--n-ctx", "4", "--steps", "3",
+                 "--clip-model", "perceive-tiny-clip", "--pretrained", "", "--n-ctx", "4", "--steps", "3",
                  "--batch-size", "2", "--device", "cpu"]) == 0
     config = json.loads((trained / "config.json").read_text())
     assert config["training"]["steps"] == 3 and config["training"]["triplets"] == 8
+    assert config["training"]["weight_decay"] == 0.01 and config["clip_model"] == "perceive-tiny-clip"
     capsys.readouterr()
     assert main(["stage1", "audit", "--perceiver", str(trained), "--triplets", str(triplets), "--root", str(data),
                  "--views", "center", "--record", "--device", "cpu"]) == 0
     table = capsys.readouterr().out
-    assert "overall" in table and "authors' gate" in table
+    assert "| overall | 8 |" in table and "Authors' gate" in table
     assert "accuracy" in json.loads((trained / "config.json").read_text())["audit"]
     assert "| strict |" in (trained / "README.md").read_text()
 

@@ -215,6 +215,14 @@ def test_prompt_training_resumes_exactly(tmp_path, tiny_clip):
         train_prompts(fresh(), triplets, checkpoint=checkpoint, **{**settings, "steps": 7})
 
 
+def test_prompt_training_uses_the_authors_weight_decay_by_default(tmp_path, tiny_perceiver):
+    checkpoint = tmp_path / "prompts.ckpt"  # the authors' AdamW(lr, betas) keeps PyTorch's default decay, 0.01
+    train_prompts(tiny_perceiver, synthetic_triplets(2, seed=0), steps=1, batch_size=2, crop_size=32, progress=False,
+                  checkpoint=checkpoint)
+    assert load_state(checkpoint)["optimizer"]["param_groups"][0]["weight_decay"] == 0.01
+    assert tiny_perceiver.training_info["weight_decay"] == 0.01
+
+
 def _interrupt_after(perceiver, triplets, checkpoint, stop_after):
     """Run train_prompts but raise KeyboardInterrupt inside the loop right after step ``stop_after``."""
     import perceive_components.stage1.train as train_module

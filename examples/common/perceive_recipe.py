@@ -187,10 +187,9 @@ def build_perceiver(args: argparse.Namespace) -> QualityPerceiver:
     ``--perceiver`` (random/tiny CLIP only) untrained prompts, for smoke runs and timing."""
     clip = None
     if args.frozen == "tiny":
-        from examples.stage1_recipe import TINY_CLIP_NAME, build_tiny_clip  # the CLIP of `stage1_recipe --clip tiny`
+        from perceive_components.tiny import TINY_CLIP_NAME, tiny_clip  # the CLIP of `--clip-model perceive-tiny-clip`
 
-        with seeded_global_rng(FROZEN_SEED):
-            clip, name = build_tiny_clip(FROZEN_SEED), TINY_CLIP_NAME
+        clip, name = tiny_clip(FROZEN_SEED), TINY_CLIP_NAME
     elif args.frozen == "random":
         import open_clip
 

@@ -12,7 +12,10 @@ from typing import Callable
 def load_callable(spec: str, flag: str = "--model") -> Callable:
     """The callable named by ``spec``; ``ValueError`` naming ``flag`` if it cannot be found or imported.
 
-    A module path is imported with the working directory on ``sys.path`` (as ``python -m`` would).
+    A module path is imported with the working directory on ``sys.path`` (as ``python -m`` would). A file inside
+    a package (its folder has an ``__init__.py``) is imported as that package's module, so its relative imports
+    work: ``examples/backbones/restormer.py:Restormer`` imports ``backbones.restormer`` with ``examples/`` on
+    ``sys.path``.
     """
     module_name, _, attribute = spec.rpartition(":")
     if not module_name or not attribute:
@@ -22,9 +25,7 @@ def load_callable(spec: str, flag: str = "--model") -> Callable:
             path = Path(module_name)
             if not path.is_file():
                 raise ValueError(f"{flag} file {module_name!r} does not exist")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
+            module = _import_file(path)
         else:
             if os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())
@@ -35,3 +36,21 @@ def load_callable(spec: str, flag: str = "--model") -> Callable:
     if not callable(target):
         raise ValueError(f"{flag} {spec!r} is not callable")
     return target
+
+
+def _import_file(path: Path):
+    """Import a ``.py`` file: as ``package.module`` when its folder is a package (walking up to the outermost
+    folder with an ``__init__.py``, whose parent goes on ``sys.path``), else as a stand-alone module."""
+    path = path.resolve()
+    root, parts = path.parent, [path.stem]
+    while (root / "__init__.py").is_file():
+        parts.insert(0, root.name)
+        root = root.parent
+    if len(parts) > 1:
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        return importlib.import_module(".".join(parts))
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module

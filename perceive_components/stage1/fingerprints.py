@@ -7,11 +7,13 @@ the SHA-256 of what it was made from:
 - ``pairs.jsonl`` / ``triplets.jsonl`` rows: ``degraded_sha256`` and ``clean_sha256`` of the files;
 - a fold model (``fold<k>.safetensors`` metadata): the fingerprint of its training pairs and settings;
 - a medium image (PNG text chunk): its degraded file's hash, the rendering fold model's weights
-  (``state_sha256``) and the render settings.
+  (``state_sha256``) and the render settings;
+- a ``run_stage1`` folder (``recipe.json``): the fold models' architecture (``architecture_sha256``).
 
     file hash      = sha256(file bytes)
     rows hash      = sha256(JSON of the sorted (degraded, clean, task, fold, file hashes) rows)
     weights hash   = sha256(for each state-dict entry in order: name, dtype, shape, raw bytes)
+    architecture   = sha256(for each state-dict entry in order: name, dtype, shape)
 """
 from __future__ import annotations
 
@@ -71,3 +73,10 @@ def state_sha256(module: nn.Module) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode("utf-8"))
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def architecture_sha256(module: nn.Module) -> str:
+    """SHA-256 of a module's state-dict layout: names, dtypes and shapes in order (not the values), so two
+    models of one architecture and configuration agree whatever their weights."""
+    layout = [f"{name}|{tensor.dtype}|{tuple(tensor.shape)}" for name, tensor in module.state_dict().items()]
+    return hashlib.sha256("\n".join(layout).encode("utf-8")).hexdigest()

@@ -9,7 +9,8 @@ with s the perceiver's fixed logit scale (≈ 100). CLIP is frozen and no gradie
 images, so image features are computed without autograd; only the text tower runs backward. The crops
 reach CLIP through ``perceiver.encode_images``, i.e. the perceiver's own resize (antialiased or not, as its
 ``resize_antialias`` records), so the prompts are trained with the preprocessing they are later used with.
-Defaults follow the authors: AdamW lr 4e-5, cosine to 1e-6 (they run 100,000 steps of 32 triplets).
+Defaults follow the authors: AdamW lr 4e-5 with PyTorch's default weight decay 0.01 (their optimiser is
+``torch.optim.AdamW(params, lr=4e-5)``), cosine to 1e-6 (they run 100,000 steps of 32 triplets).
 
 Runs are resumable: with ``checkpoint=`` the context, optimiser, scheduler and step are written
 atomically every ``checkpoint_every`` steps and picked up again on the next call. Batches are a pure
@@ -97,7 +98,7 @@ def train_prompts(
     batch_size: int = 32,
     lr: float = 4e-5,
     min_lr: float = 1e-6,
-    weight_decay: float = 0.0,
+    weight_decay: float = 0.01,
     crop_size: int = 224,
     task_balanced: bool = True,
     seed: int = 0,
@@ -114,6 +115,7 @@ def train_prompts(
         perceiver: a :class:`QualityPerceiver` with its text encoder (not frozen by ``freeze_prompts``).
         triplets: dataset of dicts ``low``/``medium``/``high`` ``(3, H, W)`` in [0, 1] (+ optional ``task``).
         steps, batch_size: optimisation steps and triplets per step (3 × batch_size images).
+        lr, min_lr, weight_decay: AdamW (decoupled weight decay on the context), cosine from lr to min_lr.
         crop_size: shared random crop (upscaled first if an image is smaller); use the CLIP input size (the
             authors' 224) or the crops are resized by the perceiver's own preprocessing.
         task_balanced: equal share of each task in every batch (SPEC §1.3).

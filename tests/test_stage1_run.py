@@ -1,20 +1,26 @@
-"""examples/prepare_stage1_data.py and examples/stage1_recipe.py: layout building, the recipe end to end at tiny
-scale on CPU, resuming without redoing work, and clear errors."""
+"""examples/prepare_stage1_data.py and the one way to run stage 1 (``run_stage1`` / ``perceive-ir stage1 run``):
+layout building, all of stage 1 end to end at tiny scale on CPU, resuming without redoing work, refusing mixed
+settings, and clear errors."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from examples import prepare_stage1_data as prep
-from examples import stage1_recipe as recipe
 from perceive_components import QualityPerceiver
+from perceive_components.cli import main as cli
 from perceive_components.data.degradations import add_gaussian_noise, degrade
 from perceive_components.ops.io import read_image, write_image
-from perceive_components.stage1 import TripletImages, audit_perceiver, fold_of, read_jsonl
+from perceive_components.stage1 import (
+    MediumSettings, PromptSettings, TripletImages, audit_perceiver, fold_of, read_jsonl, run_stage1,
+)
 from stage1_helpers import smooth_images
 
 SIZE = 32
@@ -148,25 +154,37 @@ def test_prepare_errors_list_everything_missing(raw_root, tmp_path):
         prep.main(["--out", str(out), "--tasks", "snow", "--no-progress"])
 
 
-# ----------------------------------------------------------------------------- the recipe
-TINY = ["--backbone", "restormer-tiny", "--restorer-steps", "3", "--restorer-crop", "32", "--restorer-batch", "2",
-        "--prompt-steps", "3", "--prompt-batch", "6", "--checkpoint-every", "2", "--clip", "tiny", "--device", "cpu",
-        "--no-progress"]
+# ----------------------------------------------------------------------------- all of stage 1
+REPO = Path(__file__).resolve().parents[1]
+TINY_RESTORMER = json.dumps({"dim": 4, "num_blocks": [1, 1, 1, 1], "num_refinement_blocks": 1, "heads": [1, 1, 2, 2]})
+TINY = ["--restorer", f"{REPO / 'examples' / 'backbones' / 'restormer.py'}:Restormer",  # the file form (relative imports)
+        "--restorer-kwargs", TINY_RESTORMER, "--restorer-steps", "3", "--restorer-crop", "32", "--restorer-batch", "2",
+        "--prompt-steps", "3", "--prompt-batch", "6", "--checkpoint-every", "2", "--clip-model", "perceive-tiny-clip",
+        "--pretrained", "", "--device", "cpu", "--no-progress"]
+
+
+def stage1_run(argv: list[str]) -> int:
+    return cli(["stage1", "run", *argv])
 
 
 @pytest.fixture(scope="module")
-def recipe_run(raw_root, tmp_path_factory):
-    """Prepare 3-task train and test data, then run the whole recipe once at tiny scale."""
-    base = tmp_path_factory.mktemp("recipe")
+def stage1_folder(raw_root, tmp_path_factory):
+    """Prepare 3-task train and test data, then run all of stage 1 once at tiny scale from the command line."""
+    base = tmp_path_factory.mktemp("stage1")
     prep.main(["--raw-root", str(raw_root), "--out", str(base / "train"), "--no-progress"])
     prep.main(["--raw-root", str(raw_root), "--out", str(base / "test"), "--split", "test", "--no-progress"])
     argv = ["--data-root", str(base / "train"), "--out", str(base / "run"), "--holdout-fold", "1",
             "--audit-root", str(base / "test"), *TINY]
-    return base, argv, recipe.main(argv)
+    assert stage1_run(argv) == 0
+    return base, argv
 
 
-def test_recipe_runs_end_to_end(recipe_run):
-    base, _, report = recipe_run
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_stage1_run_end_to_end(stage1_folder):
+    base, _ = stage1_folder
     run = base / "run"
     triplets = read_jsonl(run / "triplets.jsonl")
     assert len(triplets) == 18 + 6 + 4  # noise 6 clean × 3 σ, haze 3 × 2 OTS variants, rain 4
@@ -175,101 +193,174 @@ def test_recipe_runs_end_to_end(recipe_run):
     # build_triplets kept the fold models and its settings; the mid-training checkpoints are gone
     assert sorted(p.name for p in (run / "folds").iterdir()) == ["fold0.safetensors", "fold1.safetensors",
                                                                  "settings.json"]
-    # the repeat factors reach the fold models through build_triplets' train_kwargs (the tiny data holds every
-    # haze image in fold 1 and every rain image in fold 0, so only noise keeps one: see the test below)
-    stored = json.loads((run / "folds" / "settings.json").read_text())["train"]
-    assert stored["task_repeats"] == "{'haze': 1, 'noise': 1, 'rain': 120}" and stored["steps"] == "3" and stored["amp_dtype"] == "None"
-    assert set(report["gates"]["per_task"]) == {"noise", "haze", "rain"}
-    assert set(report["audit"]) == {"test", "holdout_fold1"}
+    # the authors' repeat factors, for the tasks present, reach the fold models through build_triplets
+    recorded = _json(run / "recipe.json")
+    assert recorded["medium"]["task_repeats"] == {"haze": 1, "noise": 1, "rain": 120}
+    stored = _json(run / "folds" / "settings.json")["train"]
+    assert stored["steps"] == "3" and stored["amp_dtype"] == "None"
+    assert recorded["restorer"].endswith(f"restormer.py:Restormer {TINY_RESTORMER}")
+    assert set(_json(run / "gates.json")["per_task"]) == {"noise", "haze", "rain"}
     held_out = [row for row in triplets if row["fold"] == 1]
-    assert report["audit"]["holdout_fold1"]["n_triplets"] == len(held_out)
-    assert report["audit"]["test"]["n_triplets"] == len(read_jsonl(run / "audit" / "triplets.jsonl")) == 6 + 2 + 2
+    assert _json(run / "audit_holdout_fold1.json")["n_triplets"] == len(held_out)
+    assert _json(run / "audit_test.json")["n_triplets"] == len(read_jsonl(run / "audit" / "triplets.jsonl")) == 10
     assert len((run / "prompt_history.csv").read_text().splitlines()) == 1 + 3
-    for name in ("Medium-image gates", "Perceiver audit: test", "Perceiver audit: holdout_fold1"):
-        assert name in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    for name in ("## Medium-image gates", "## Prompt training", "## Perceiver audit: test",
+                 "## Perceiver audit: holdout_fold1", "| task | pairs | PSNR improved", "Authors' gate"):
+        assert name in report
 
-    # the saved perceiver records names only; with the same tiny CLIP rebuilt it reproduces the recorded audit
-    config = json.loads((run / "perceiver" / "config.json").read_text())
-    assert config["clip_model"] == "tiny-random-clip" and config["pretrained"] is None and config["n_ctx"] == 16
+    config = _json(run / "perceiver" / "config.json")  # the library's tiny CLIP, recorded by name
+    assert config["clip_model"] == "perceive-tiny-clip" and config["pretrained"] is None and config["n_ctx"] == 16
     assert config["audit"]["audit_set"] == "test" and config["training"]["steps"] == 3
+    assert config["training"]["weight_decay"] == 0.01  # the authors' AdamW default
     assert config["training"]["triplets"] == len(triplets) - len(held_out)  # the held-out fold was not trained on
-    perceiver = QualityPerceiver.from_pretrained(run / "perceiver", clip=recipe.build_tiny_clip(0))
-    again = audit_perceiver(perceiver, TripletImages(run / "audit" / "triplets.jsonl", base / "test"), record=False)
-    assert again["accuracy"] == pytest.approx(report["audit"]["test"]["accuracy"])
-    assert again["mean_q"] == pytest.approx(report["audit"]["test"]["mean_q"], abs=1e-5)
 
 
-def test_recipe_task_repeats_follow_the_data(recipe_run, caplog):
-    base, _, _ = recipe_run
-    args = recipe.build_parser().parse_args(["--data-root", "unused", "--out", "unused"])
-    spread = [{"task": task, "clean": f"{task}/clean/{i}.png"} for task in ("noise", "rain", "mine") for i in range(8)]
-    assert recipe.fold_repeats(args, spread) == {"noise": 1, "rain": 120}  # authors' factors, for the tasks present
-    args.restorer_repeat = ["noise=3", "mine=2"]
-    assert recipe.fold_repeats(args, spread) == {"mine": 2, "noise": 3, "rain": 120}
-    args.restorer_repeat = ["blur=2"]
-    with pytest.raises(ValueError, match=r"--restorer-repeat names task\(s\) \['blur'\] that --data-root does not"):
-        recipe.fold_repeats(args, spread)
-
-    # a task whose images all hash to one fold: that fold's model cannot train on it (a warning); the other
-    # fold's model still gets its factor (build_triplets passes each fold the factors of its own tasks)
-    args.restorer_repeat = []
-    pairs = recipe.scan_pairs(base / "train")
-    with caplog.at_level("WARNING", logger="stage1_recipe"):
-        assert recipe.fold_repeats(args, pairs) == {"haze": 1, "noise": 1, "rain": 120}
-    assert "never trains on a task whose images all hash to its own fold: haze (fold 1), rain (fold 0)" in caplog.text
+def test_the_saved_tiny_perceiver_loads_again_by_name(stage1_folder):
+    base, _ = stage1_folder
+    perceiver = QualityPerceiver.from_pretrained(base / "run" / "perceiver")  # no clip= needed
+    again = audit_perceiver(perceiver, TripletImages(base / "run" / "audit" / "triplets.jsonl", base / "test"),
+                            record=False)
+    recorded = _json(base / "run" / "audit_test.json")
+    assert again["accuracy"] == pytest.approx(recorded["accuracy"])
+    assert again["mean_q"] == pytest.approx(recorded["mean_q"], abs=1e-5)
 
 
-def test_recipe_rerun_continues_without_redoing_work(recipe_run):
-    base, argv, report = recipe_run
+def test_the_saved_tiny_perceiver_scores_from_the_cli(stage1_folder, capsys):
+    base, _ = stage1_folder
+    image = str(base / "test" / "rain" / "clean" / "norain-0.png")
+    assert cli(["score", image, "--perceiver", str(base / "run" / "perceiver"), "--json", "--device", "cpu"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["image"] == image and 0.0 <= rows[0]["q"] <= 2.0
+
+
+def test_the_saved_tiny_perceiver_audits_from_the_cli(stage1_folder, capsys):
+    base, _ = stage1_folder
+    assert cli(["stage1", "audit", "--perceiver", str(base / "run" / "perceiver"), "--triplets",
+                str(base / "run" / "audit" / "triplets.jsonl"), "--root", str(base / "test"), "--json",
+                "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accuracy"] == pytest.approx(_json(base / "run" / "audit_test.json")["accuracy"])
+
+
+def test_stage1_run_continues_without_redoing_work(stage1_folder):
+    base, argv = stage1_folder
     run = base / "run"
     stored = [*sorted((run / "folds").iterdir()), *sorted((run / "medium").rglob("*.png")),
               *sorted((run / "audit" / "medium").rglob("*.png")), run / "prompts.ckpt"]
     before = {p: p.stat().st_mtime_ns for p in stored}
+    audit = _json(run / "audit_test.json")
     rendered = sorted((run / "medium").rglob("*.png"))[4]
     data = rendered.read_bytes()
     rendered.unlink()  # as if the first run had stopped before rendering it
     del before[rendered]
 
-    again = recipe.main(argv)
+    assert stage1_run(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in before} == before  # no fold model retrained, no image re-rendered
     assert rendered.read_bytes() == data  # the missing image is rendered again by the stored fold model
-    assert again["audit"]["test"]["accuracy"] == report["audit"]["test"]["accuracy"]
-    assert again["gates"] == report["gates"]
+    assert _json(run / "audit_test.json") == audit
 
 
-def test_recipe_refuses_other_settings_in_the_same_folder(recipe_run):
-    base, argv, _ = recipe_run
-    changed = [*argv, "--restorer-steps", "4"]
-    with pytest.raises(ValueError, match=r"medium results made with other settings \(restorer_steps: 3 -> 4\)"):
-        recipe.main(changed)
-    with pytest.raises(ValueError, match=r"medium results made with other settings \(bf16: False -> True\)"):
-        recipe.main([*argv, "--bf16"])  # the fold models' precision is part of them
-    with pytest.raises(ValueError, match=r"prompts results made with other settings \(prompt_lr: 4e-05 -> 0.001\)"):
-        recipe.main([*argv, "--prompt-lr", "1e-3"])
-    # same flags, other data: build_triplets' own record (folds/settings.json) refuses and names the pairs
+@pytest.mark.parametrize("change, message", [
+    (["--restorer-steps", "4"], r"medium results made with other settings \(steps: 3 -> 4\)"),
+    (["--bf16"], r"medium results made with other settings \(bf16: False -> True\)"),  # precision is part of them
+    (["--prompt-lr", "1e-3"], r"prompts results made with other settings \(lr: 4e-05 -> 0.001\)"),
+    (["--prompt-weight-decay", "0"], r"prompts results made with other settings \(weight_decay: 0.01 -> 0.0\)"),
+    (["--restorer-kwargs", TINY_RESTORMER.replace('"dim": 4', '"dim": 8')],
+     r"medium results made with other settings \(restorer_architecture: '[0-9a-f]{64}' -> '[0-9a-f]{64}'\)"),
+])
+def test_stage1_run_refuses_other_settings_in_the_same_folder(stage1_folder, capsys, change, message):
+    base, argv = stage1_folder
+    recorded = (base / "run" / "recipe.json").read_bytes()
+    assert stage1_run([*argv, *change]) == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert (base / "run" / "recipe.json").read_bytes() == recorded
+
+
+def test_stage1_run_refuses_other_data_under_the_same_flags(stage1_folder, capsys):
+    base, argv = stage1_folder
     pairs = (base / "run" / "pairs.jsonl").read_bytes()
-    other_data = [*argv, "--data-root", str(base / "test")]
-    with pytest.raises(ValueError, match=r"fold models trained with other settings \(pairs.* changed\)"):
-        recipe.main(other_data)
+    assert stage1_run([*argv, "--data-root", str(base / "test")]) == 1  # build_triplets' record names the pairs
+    assert re.search(r"fold models trained with other settings \(pairs.* changed\)", capsys.readouterr().err)
     assert (base / "run" / "pairs.jsonl").read_bytes() == pairs
 
 
-def test_recipe_errors_for_bad_layouts_and_options(recipe_run, tmp_path):
-    base, _, _ = recipe_run
+def test_task_repeats_override_the_authors_for_the_tasks_present(stage1_folder, tmp_path, monkeypatch):
+    import perceive_components.stage1.pipeline as pipeline
+
+    base, _ = stage1_folder
+
+    class Recorded(Exception):
+        """Raised instead of training: recipe.json is written by then."""
+
+    def stop(*args, **kwargs):
+        raise Recorded
+
+    monkeypatch.setattr(pipeline, "build_triplets", stop)
+    with pytest.raises(Recorded):
+        run_stage1(base / "train", tmp_path / "run", torch.nn.Identity,
+                   medium=MediumSettings(task_repeats={"noise": 3, "rain": 2}), prompts=PromptSettings())
+    assert _json(tmp_path / "run" / "recipe.json")["medium"]["task_repeats"] == {"haze": 1, "noise": 3, "rain": 2}
+    with pytest.raises(ValueError, match=r"MediumSettings.task_repeats names task\(s\) \['blur'\] that the data does "
+                                         r"not hold \(\['haze', 'noise', 'rain'\]\)"):
+        run_stage1(base / "train", tmp_path / "other", torch.nn.Identity, medium=MediumSettings(task_repeats={"blur": 2}))
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tasks", "blur"], r"data_root has no pairs for task\(s\) \['blur'\]"),
+    (["--holdout-fold", "2"], r"PromptSettings.holdout_fold must be in \[0, 2\) for 2 folds, got 2"),
+    (["--restorer-repeat", "rain"], r"--restorer-repeat takes TASK=N items \(e.g. rain=120\), got 'rain'"),
+    (["--restorer", "no_such_module_xyz:make"], r"--restorer 'no_such_module_xyz:make' cannot be imported"),
+    (["--restorer", "builtins:dict"], r"restorer\(\) must return an nn.Module, got dict"),
+    (["--restorer", "torch:zeros"], r"restorer: calling the factory with no arguments failed: zeros\(\) missing"),
+    (["--folds", "1"], r"MediumSettings.folds must be at least 2"),
+])
+def test_stage1_run_errors_name_the_argument(stage1_folder, tmp_path, capsys, extra, message):
+    base, _ = stage1_folder
+    assert stage1_run(["--data-root", str(base / "train"), "--out", str(tmp_path / "run"), *TINY, *extra]) == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_stage1_run_errors_for_bad_layouts(tmp_path, capsys):
     bad = tmp_path / "bad"
     (bad / "noise" / "degraded").mkdir(parents=True)
-    with pytest.raises(ValueError, match=r"noise/ needs both degraded/ and clean/"):
-        recipe.main(["--data-root", str(bad), "--out", str(tmp_path / "run"), *TINY])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        recipe.main(["--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), *TINY])
-    with pytest.raises(ValueError, match=r"--data-root has no pairs for task\(s\) \['blur'\]"):
-        recipe.main(["--data-root", str(base / "train"), "--out", str(tmp_path / "run"), "--tasks", "blur", *TINY])
-    with pytest.raises(ValueError, match=r"--holdout-fold must be in \[0, 2\)"):
-        recipe.main(["--data-root", str(base / "train"), "--out", str(tmp_path / "run"), "--holdout-fold", "2", *TINY])
-    with pytest.raises(ValueError, match="--restorer-repeat takes TASK=N"):
-        recipe.main(["--data-root", str(base / "train"), "--out", str(tmp_path / "run"), "--restorer-repeat", "rain",
-                     *TINY])
-    with pytest.raises(ValueError, match="unknown backbone 'restormer-huge'"):
-        recipe.main(["--data-root", str(base / "train"), "--out", str(tmp_path / "run"), *TINY,
-                     "--backbone", "restormer-huge"])
-    assert not os.path.exists(tmp_path / "run" / "folds")
+    assert stage1_run(["--data-root", str(bad), "--out", str(tmp_path / "run"), *TINY]) == 1
+    assert "noise/ needs both degraded/ and clean/" in capsys.readouterr().err
+    assert stage1_run(["--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "run"), *TINY]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_restorer_file_inside_a_package_imports_with_its_relative_imports(monkeypatch):
+    from perceive_components.ops.imports import load_callable
+
+    monkeypatch.chdir(REPO)
+    by_file = load_callable("examples/backbones/restormer.py:Restormer", "--restorer")  # `from .base import …`
+    by_module = load_callable("examples.backbones:Restormer", "--restorer")
+    assert by_file.__name__ == by_module.__name__ == "Restormer"
+    model = by_file(**json.loads(TINY_RESTORMER))
+    assert model(torch.rand(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+
+
+def _doc_block(name: str, needle: str) -> str:
+    """The ```bash block of docs/<name> that contains ``needle``."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "docs" / name).read_text(encoding="utf-8"), re.S)
+    found = [block for block in blocks if needle in block]
+    assert len(found) == 1, f"docs/{name}: {len(found)} bash blocks contain {needle!r}"
+    return found[0]
+
+
+def test_the_documented_smoke_run_works_as_written(tmp_path):
+    block = _doc_block("stage1.md", "perceive-ir stage1 run")  # prepare, run, score, audit
+    assert "/tmp/s1" in block and "--restorer examples/backbones/restormer.py:Restormer" in block
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block.replace("/tmp/s1", str(tmp_path))], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = _json(tmp_path / "run" / "perceiver" / "config.json")
+    assert config["clip_model"] == "perceive-tiny-clip"
+    assert "## Perceiver audit" in (tmp_path / "run" / "report.md").read_text()
+    assert "p(terrible)" in done.stdout  # the block's `perceive-ir score` of the saved perceiver
