@@ -10,6 +10,7 @@ from torch import nn
 
 from perceive_components import PerceiveAdapter
 from perceive_components.modules import SGM, make_positive_view
+from perceive_components.tiny import tiny_dinov2
 
 
 # ---------------------------------------------------------------------------------------------- backbones
@@ -122,18 +123,9 @@ EXPECTED_LEVELS = {
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-def tiny_dinov2(depth: int = 2):
-    import timm
-
-    torch.manual_seed(0)
-    return timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, depth=depth, embed_dim=32,
-                             num_heads=2, img_size=56, dynamic_img_size=True)
-
-
-
 @pytest.fixture(scope="module")
 def dinov2():
-    return tiny_dinov2()
+    return tiny_dinov2()  # the library's stand-in: 2 blocks, width 32, 56² input
 
 
 def make_adapter(backbone: nn.Module, dinov2: nn.Module, **kwargs) -> PerceiveAdapter:
