@@ -75,3 +75,24 @@ def test_logits_probabilities_tier_and_q_score():
                                    rtol=1e-5, atol=1e-6)
         assert torch.equal(perceiver.predict(images), p.argmax(dim=1))
     assert perceiver.lower_better is False
+
+
+def test_a_small_overshoot_is_scored_as_the_clamped_image():
+    """Within the 1e-3 input tolerance, values past [0, 1] are clamped before CLIP (docs/method.md §1.1)."""
+    _, perceiver, _ = ref.perceiver_with_known_prompts()
+    images = torch.rand(2, 3, CLIP_SIZE, CLIP_SIZE, generator=torch.Generator().manual_seed(2))
+    images[:, :, :8] = 1.0005
+    images[:, :, -8:] = -0.0005
+    with torch.no_grad():
+        assert torch.equal(perceiver(images), perceiver(images.clamp(0, 1)))
+
+
+def test_bf16_autocast_scoring_matches_float32_up_to_rounding():
+    _, perceiver, _ = ref.perceiver_with_known_prompts()
+    images = torch.rand(2, 3, CLIP_SIZE, CLIP_SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = perceiver(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = perceiver(images)
+    assert half.dtype == torch.float32  # the 3-way head runs in float32
+    assert (half - full).abs().max() < 0.03  # bf16 rounding (~0.01); another image moves the logits by ~0.15
