@@ -29,6 +29,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -36,6 +37,8 @@ PRELOAD = ("torch", "torchvision", "timm", "open_clip", "huggingface_hub", "safe
            "hypothesis")
 PYTEST_ARGS = ("-x", "-q", "-p", "no:cacheprovider")
 FAILED_LINE = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
+
+Runner = Callable[[Path, list[str], Path, float], "int | None"]  # (copy, pytest args, log, timeout) -> exit code
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class Outcome:
 
 
 def load_mutations(path: Path) -> list[Mutation]:
+    """Read mutations.toml; every entry needs exactly the fields of ``Mutation``."""
     with open(path, "rb") as handle:
         entries = tomllib.load(handle)["mutation"]
     fields = set(Mutation.__dataclass_fields__)
@@ -131,6 +135,7 @@ def run_pytest_spawned(copy: Path, args: list[str], log: Path, timeout: float) -
 
 
 def judge(code: int | None, log_text: str) -> tuple[str, str]:
+    """(result, detail) from pytest's exit code and output."""
     if code is None:
         return "error", "timed out"
     if code == 0:
@@ -145,7 +150,8 @@ def judge(code: int | None, log_text: str) -> tuple[str, str]:
     return "error", reasons.get(code, f"pytest exit code {code}")
 
 
-def check(mutation: Mutation, copy: Path, run, timeout: float, logs: Path, verbose: bool) -> Outcome:
+def check(mutation: Mutation, copy: Path, run: Runner, timeout: float, logs: Path, verbose: bool) -> Outcome:
+    """Apply one mutation to the copy, run its tests, restore the file."""
     start = time.monotonic()
     target = copy / mutation.file
     text = target.read_text(encoding="utf-8") if target.is_file() else ""
@@ -179,6 +185,7 @@ def baseline_arguments(mutations: list[Mutation]) -> tuple[list[str], list[tuple
 
 
 def table(mutations: list[Mutation], outcomes: list[Outcome]) -> str:
+    """The markdown table of results and a one-line count."""
     rows = ["| mutation | what it breaks | caught by | result |", "|---|---|---|---|"]
     for mutation, outcome in zip(mutations, outcomes):
         name = f"{mutation.name} (`{mutation.file}`)"
@@ -208,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     copy_repository(copy)
     os.environ.update(environment(copy, work / "hf-home"))
     sys.dont_write_bytecode = True
+    run: Runner
     if args.spawn or not hasattr(os, "fork"):
         run = run_pytest_spawned
     else:
