@@ -32,9 +32,10 @@ def python_blocks(page: str, marker: str | None = None) -> list[str]:
     return blocks
 
 
-def run_page(page: str, monkeypatch, marker: str | None = None) -> tuple[dict, list[torch.Tensor], list[str]]:
-    """Run the blocks in one namespace; returns it, every tensor drawn by torch.rand/randn, and each block's
-    printed text."""
+def run_page(page: str, monkeypatch, marker: str | None = None, count: int | None = None
+             ) -> tuple[dict, list[torch.Tensor], list[str]]:
+    """Run the blocks (the first ``count`` of them, or all) in one namespace; returns it, every tensor drawn by
+    torch.rand/randn, and each block's printed text."""
     drawn: list[torch.Tensor] = []
     for name in ("rand", "randn"):
         original = getattr(torch, name)
@@ -47,7 +48,7 @@ def run_page(page: str, monkeypatch, marker: str | None = None) -> tuple[dict, l
     torch.manual_seed(0)
     namespace: dict = {}
     printed = []
-    for block in python_blocks(page, marker):
+    for block in python_blocks(page, marker)[:count]:
         output = io.StringIO()
         with contextlib.redirect_stdout(output):
             exec(compile(block, str(DOCS / page), "exec"), namespace)
@@ -93,11 +94,12 @@ def test_cfe_page_embeds_a_crop_and_a_flipped_window_of_the_same_images(monkeypa
         torch.testing.assert_close(namespace["z_pos"].double(), ref.cfe_code_form(cfe, positive), rtol=1e-5,
                                    atol=1e-6)
     assert all(is_flipped_window(positive[i], full[i]) for i in range(full.shape[0]))
-    assert printed[0].strip() == "torch.Size([4, 128]) torch.Size([4, 128])"
+    assert printed[0].split("\n")[:2] == ["torch.float32", "images contains NaN or Inf values"]  # named errors
+    assert printed[1].strip() == "torch.Size([4, 128]) torch.Size([4, 128])"
 
 
 def test_sgm_page_priors_are_the_cls_tokens_of_the_chosen_blocks(monkeypatch):
-    namespace, drawn, _ = run_page("modules/sgm.md", monkeypatch)
+    namespace, drawn, _ = run_page("modules/sgm.md", monkeypatch, count=1)  # the 56-px example
     sgm, vit, out = namespace["sgm"], namespace["vit"], namespace["out"]
     first, second = drawn_with_shape(drawn, 2, 3, 100, 150)
     for got, want in zip(namespace["priors"], ref.dinov2_cls_tokens(vit, first, (1, 2, 3), 56), strict=True):
@@ -109,7 +111,7 @@ def test_sgm_page_priors_are_the_cls_tokens_of_the_chosen_blocks(monkeypatch):
 
 
 def test_pgm_page_output_is_the_film_of_its_inputs(monkeypatch):
-    namespace, drawn, printed = run_page("modules/pgm.md", monkeypatch)
+    namespace, drawn, printed = run_page("modules/pgm.md", monkeypatch, count=1)  # the FiLM example
     (x,), (prior,), (z,) = (drawn_with_shape(drawn, *s) for s in ((2, 96, 64, 64), (2, 768), (2, 128)))
     torch.testing.assert_close(namespace["y"].double(), ref.film(namespace["pgm"], x, prior, z), rtol=1e-5,
                                atol=1e-5)
@@ -156,15 +158,14 @@ def test_negatives_page_reads_back_the_proxy_render_cut_like_the_crop(monkeypatc
     from perceive_components.ops.io import read_image
 
     namespace, _, _ = run_page("negatives.md", monkeypatch, marker="render-cache")
-    root, proxy, crop = namespace["root"], namespace["proxy"], namespace["crop"]
-    image = read_image(f"{root}/data/rain/0001.png")
-    with torch.no_grad():
-        rendered = (proxy(image[None])[0].clamp(0, 1) * 255).round() / 255  # saved as an 8-bit PNG
-    box = rendered[:, crop.top : crop.top + crop.height, crop.left : crop.left + crop.width]
-    box = box.flip(-1) if crop.hflip else box
-    box = box.flip(-2) if crop.vflip else box
+    root, proxy, cache = namespace["root"], namespace["proxy"], namespace["cache"]
+    key, crop = namespace["key"], namespace["sample"].crop  # the last sample: 60×90, smaller than the crop
+    assert crop.resize is not None  # the authors' rule: upscaled before the crop, the render the same way
+    with torch.no_grad():  # each stored render is the proxy's output (tiles blend in float, then 8-bit rounding)
+        for name, edge in (("rain/0001.png", 0), (key, 1)):  # 60×90 is reflect-padded to 64×96 for the proxy:
+            image, stored = read_image(f"{root}/data/{name}"), read_image(cache.entry_path("weak", name))
+            difference = (stored - proxy(image[None])[0].clamp(0, 1)).abs()  # its 3×3 conv sees that padding
+            assert difference[:, : difference.shape[1] - edge, : difference.shape[2] - edge].max() <= 1 / 255 + 1e-6
     negatives = namespace["negatives"]
     assert negatives.shape == (1, 3, 64, 64) and namespace["valid"].tolist() == [True]
-    assert (negatives[0] - box).abs().max() <= 1 / 255 + 1e-6  # tiles blend in float before the 8-bit rounding
-    assert (negatives[0] == box).float().mean() > 0.99
-
+    torch.testing.assert_close(negatives[0], crop.apply(stored), rtol=0, atol=0)
