@@ -6,11 +6,13 @@
 - ``TaskVocabulary``: one task naming shared by the contrastive loss, the online proxies and the render cache.
 - ``TaskMixingBatchSampler``: batches that always hold several tasks (the contrastive term needs them).
 - ``scan_images``: every image checked before a run, bad files listed at once.
+- ``write_noisy_test_sets``: the paper's noisy CBSD68 inputs, bit for bit as the authors make them.
 - ``AllInOneTrainSet`` and friends: the standard 3-task / 5-task layouts (``layouts``).
 """
 from .crops import CropFlip, centre_crop_to_multiple, crop_flip
 from .fitting import PADDINGS, SMALL_IMAGE_RULES, fit_image, fit_size, pad_to, resize_bicubic_8bit
 from .layouts import AllInOneTrainSet, PairedTestSet, standard_test_sets
+from .noisy_test_sets import noisy_test_images, write_noisy_test_sets
 from .paired import PairedCrops, draw_crop, paired_crops
 from .scan import ImageScanError, ScanResult, scan_images
 from .task_batches import TaskMixingBatchSampler
@@ -19,6 +21,6 @@ from .tasks import PROMPTIR_DE_IDS, STANDARD_TASKS, TaskVocabulary
 __all__ = [
     "PADDINGS", "PROMPTIR_DE_IDS", "SMALL_IMAGE_RULES", "STANDARD_TASKS", "AllInOneTrainSet", "CropFlip",
     "ImageScanError", "PairedCrops", "PairedTestSet", "ScanResult", "TaskMixingBatchSampler", "TaskVocabulary",
-    "centre_crop_to_multiple", "crop_flip", "draw_crop", "fit_image", "fit_size", "pad_to", "paired_crops",
-    "resize_bicubic_8bit", "scan_images", "standard_test_sets",
+    "centre_crop_to_multiple", "crop_flip", "draw_crop", "fit_image", "fit_size", "noisy_test_images", "pad_to", "paired_crops",
+    "resize_bicubic_8bit", "scan_images", "standard_test_sets", "write_noisy_test_sets",
 ]
