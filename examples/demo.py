@@ -1,31 +1,31 @@
-"""The main demo: the whole two-stage Perceive-IR pipeline, at tiny scale, on bundled public-domain images.
+"""The main demo: the two-stage Perceive-IR pipeline, at tiny scale, on bundled public-domain images.
 
     python examples/demo.py --out outputs/demo          (`make demo` sets up and runs this)
 
-Stage 1 (this file):
+**What runs** (``--recipe``). Offline, CLIP, DINOv2 and VGG can only be random networks, and through a random
+network the CLIP-aware and perceptual terms are no objective (they leave a periodic texture in the outputs) and
+SGM's priors carry no semantics. So ``--recipe auto`` (default) runs:
+
+- ``offline`` when pretrained weights are missing: the Perceive-IR parts that learn from the data alone — the
+  adapter's CFE and PGMs with L1 + λ1·L_cl — against the bare backbone; stage 1 runs with the library's tiny
+  random CLIP (it shows that stage 1 runs; the stage-2 run does not use its perceiver);
+- ``full`` when OpenAI CLIP ViT-B/32, DINOv2-B and VGG-16 are in the Hugging Face cache or the Hub answers:
+  everything, with those weights (much slower on a CPU).
+
+``--recipe full --weights tiny`` runs everything offline on tiny random networks. ``report.md`` lists which
+modules and terms ran and why, and explains every row a reader would question.
+
+Stage 1 (``perceive_components.stage1.run_stage1``, the library's one way to run it):
 
 1. synthesise degraded versions (noise σ 25, haze, rain) of the bundled images → data/<task>/{degraded,clean}
-2. split into 2 folds by the hash of the clean image's relative path
-3. train a small fold restorer per fold on the other fold and render medium images (tiled)
-4. report the medium-image gates (PSNR-improved rate, progress r)
-5. learn the "terrible / mediocre / excellent" prompts on fold-0 triplets
-6. audit the perceiver on the held-out fold-1 triplets (and on the training fold)
-7. save the perceiver (prompts + config + model card) and a figure: q per tier, probabilities per triplet
+2. ``run_stage1``: 2 folds by the hash of each clean image's relative path, a small restorer per fold trained on
+   the other fold renders its medium images, the gates, prompts learned on fold 0, audit on the held-out fold 1,
+   the perceiver saved (``perceiver/``) and the stage-1 report (``stage1/report.md``)
+3. a figure of the held-out audit: q per tier, probabilities per triplet
 
-Stage 2 (``demo_stage2.py``), on 9 of the images, 3 held out:
-
-8. the stage-2 data layout and the held-out test sets
-9. proxy negatives: the stage-1 fold models render the training inputs into a render cache
-10. a small backbone (``restormer-tiny``) trained with the Perceive-IR recipe (adapter + QualityAwareLoss with
-    the saved perceiver), and the same backbone bare with L1 for the same steps
-11. both evaluated on the held-out images (PSNR/SSIM per set and average)
-
-Then ``report.md`` (``demo_report.py``): the tables of both stages, sample grids and loss curves as PNG.
-
-Real CLIP weights (OpenAI ViT-B/32) are used when they can be downloaded; otherwise (offline, as on the
-development machines) a tiny *random* CLIP stands in, with a plain warning. DINOv2 and VGG are tiny random
-networks unless ``--frozen-nets pretrained``. With random frozen networks and a few hundred steps the numbers
-only show that the pipeline works, not what the method achieves.
+Stage 2 (``demo_stage2.py``), on 9 of the images, 3 held out: the stage-2 layout and test sets, proxy negatives
+(full recipe), a small backbone (``restormer-tiny``) trained with the Perceive-IR recipe and bare with L1 for the
+same steps, both evaluated on the held-out images. Then ``report.md`` (``demo_report.py``).
 """
 from __future__ import annotations
 
@@ -47,16 +47,16 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)] + ([str(HERE)] if str(HERE) not in sys.path else [])  # checkout, no install
 
 from perceive_components import QualityPerceiver  # noqa: E402
-from perceive_components.cli import format_audit  # noqa: E402
 from perceive_components.data.degradations import add_gaussian_noise, add_haze, add_rain  # noqa: E402
 from perceive_components.ops.io import list_images, read_image, write_image  # noqa: E402
 from perceive_components.stage1 import (  # noqa: E402
-    TripletImages, audit_perceiver, build_triplets, medium_gates, scan_pairs, train_prompts,
+    MediumSettings, PromptSettings, TripletImages, audit_perceiver, run_stage1,
 )
+from perceive_components.tiny import TINY_CLIP_NAME  # noqa: E402
 
 from demo_report import write_report  # noqa: E402
 from examples.common.perceive_recipe import is_self_guided  # noqa: E402
-from demo_stage2 import Stage2Settings, run_stage2  # noqa: E402
+from demo_stage2 import RECIPES, Stage2Settings, run_stage2  # noqa: E402
 
 IMAGES = HERE / "data" / "demo_images"
 TASKS = {
@@ -64,9 +64,10 @@ TASKS = {
     "haze": lambda x, g: add_haze(x, 1.6, g),
     "rain": lambda x, g: add_rain(x, 0.7, g),
 }
-TINY_CLIP = dict(embed_dim=64, quick_gelu=True,
-                 vision_cfg=dict(image_size=64, layers=2, width=96, head_width=32, patch_size=8),
-                 text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
+# The pretrained frozen networks of the full recipe: how open_clip / timm name them (their Hub repos are looked up).
+CLIP_NAME, CLIP_TAG = "ViT-B-32-quickgelu", "openai"
+DINOV2_NAME, VGG_NAME = "vit_base_patch14_dinov2.lvd142m", "vgg16.tv_in1k"
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")
 
 
 class GatedBlock(nn.Module):
@@ -111,32 +112,39 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def save_tiny_clip(clip: nn.Module, folder: Path) -> str:
-    """Save a CLIP as an open_clip ``local-dir:`` model so the saved perceiver can rebuild it by name."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    return f"local-dir:{folder.resolve()}"
-
-
-def make_perceiver(force_tiny: bool, out: Path) -> tuple[QualityPerceiver, bool]:
-    if not force_tiny and hub_reachable():
-        try:
-            return QualityPerceiver(), True  # OpenAI ViT-B/32 (QuickGELU) from the Hub
-        except RuntimeError as error:
-            warnings.warn(f"real CLIP weights could not be loaded ({error}); using a tiny random CLIP", stacklevel=1)
-    else:
-        reason = "--tiny-clip was given" if force_tiny else "the Hugging Face Hub is not reachable (or HF_HUB_OFFLINE=1)"
-        warnings.warn(f"{reason}: this demo uses a tiny RANDOM CLIP instead of OpenAI ViT-B/32, so its numbers "
-                      "only show that the pipeline runs, not what the method achieves", stacklevel=1)
+def pretrained_repos() -> dict[str, str]:
+    """The Hugging Face repo of each pretrained frozen network, as open_clip and timm resolve them."""
     import open_clip
+    from timm.models import get_pretrained_cfg
 
-    torch.manual_seed(0)
-    clip = open_clip.CLIP(**TINY_CLIP)
-    name = save_tiny_clip(clip, out / "tiny-random-clip")
-    return QualityPerceiver(clip_model=name, pretrained=None, n_ctx=8, clip=clip), False
+    return {"CLIP ViT-B/32 (OpenAI)": open_clip.get_pretrained_cfg(CLIP_NAME, CLIP_TAG)["hf_hub"].rstrip("/"),
+            "DINOv2-B/14": get_pretrained_cfg(DINOV2_NAME).hf_hub_id,
+            "VGG-16": get_pretrained_cfg(VGG_NAME).hf_hub_id}
+
+
+def pretrained_status(cache_dir: str | os.PathLike | None = None, reachable: bool | None = None) -> dict[str, str]:
+    """For each pretrained frozen network: ``"cached"`` (weights in the Hugging Face cache), ``"downloadable"``
+    (not cached, the Hub answers) or ``"missing"``. Nothing is downloaded."""
+    from huggingface_hub import try_to_load_from_cache
+
+    reachable = hub_reachable() if reachable is None else reachable
+    status = {}
+    for network, repo in pretrained_repos().items():
+        cached = any(isinstance(try_to_load_from_cache(repo, name, cache_dir=cache_dir), str) for name in WEIGHT_FILES)
+        status[network] = "cached" if cached else ("downloadable" if reachable else "missing")
+    return status
+
+
+def choose(recipe: str, weights: str, status: dict[str, str]) -> tuple[str, str]:
+    """``(recipe, weights)`` with ``"auto"`` resolved: pretrained weights and the full recipe when every network
+    is cached or downloadable, else tiny random networks and the offline recipe."""
+    available = all(state != "missing" for state in status.values())
+    weights = ("pretrained" if available else "tiny") if weights == "auto" else weights
+    if weights == "pretrained" and not available:
+        missing = [network for network, state in status.items() if state == "missing"]
+        raise ValueError(f"--weights pretrained: no cached weights and no Hub for {missing}; use --weights tiny")
+    recipe = ("full" if weights == "pretrained" else "offline") if recipe == "auto" else recipe
+    return recipe, weights
 
 
 def synthesise(out: Path, seed: int = 0) -> Path:
@@ -199,59 +207,57 @@ def save_figure(perceiver: QualityPerceiver, triplets: TripletImages, path: Path
     plt.close(fig)
 
 
-def stage1(args: argparse.Namespace, out: Path, device: torch.device) -> dict:
-    """Steps 1-7 (module docstring); returns the gates, audits and whether the CLIP was the real one."""
+def stage1(args: argparse.Namespace, out: Path, device: torch.device, weights: str) -> dict:
+    """Steps 1-3 (module docstring); returns the gates, the audits and which CLIP the perceiver used."""
     print("1) synthesising degraded images (noise σ25, haze, rain) ...")
     data = synthesise(out)
-    pairs = scan_pairs(data)
-    print(f"   {len(pairs)} pairs in {data}")
-
-    print("2-3) two folds, a small restorer per fold, medium images ...")
-    manifest = build_triplets(SmallRestorer, pairs, data, out / "stage1", k=2, device=device, progress=False,
-                              train_kwargs=dict(steps=args.restorer_steps, crop_size=48, batch_size=8, lr=3e-3))
-    all_triplets = TripletImages(manifest, data, in_memory=True)
-    print("4) medium-image gates (authors: PSNR improved ≥ 0.90, progress r mostly in [0.25, 0.85]):")
-    gates = medium_gates(all_triplets)
-    for task, row in [*gates["per_task"].items(), ("overall", gates["overall"])]:
-        print(f"   {task:<8} n={row['n']:>3}  improved {row['psnr_improved_rate']:.2f}  r median "
-              f"{row['r_median']:.2f}  r in band {row['r_in_band_rate']:.2f}  +{row['mean_psnr_gain_db']:.2f} dB")
-
-    perceiver, real = make_perceiver(args.tiny_clip, out)
-    perceiver.to(device)
-    crop = perceiver.image_size[0]
-    train_set = TripletImages(manifest, data, folds=[0], in_memory=True)
-    held_out = TripletImages(manifest, data, folds=[1], in_memory=True)
-    print(f"5) learning prompts on {len(train_set)} fold-0 triplets ({'OpenAI ViT-B/32' if real else 'tiny random CLIP'},"
-          f" {args.prompt_steps} steps) ...")
-    train_prompts(perceiver, train_set, steps=args.prompt_steps, batch_size=12, lr=2e-3 if not real else 4e-4,
-                  crop_size=crop, device=device, progress=False, checkpoint=out / "prompts.ckpt")
-    print(f"6) audit on the {len(held_out)} held-out fold-1 triplets:")
-    report = audit_perceiver(perceiver, held_out, views="five", device=device)
-    print("   " + format_audit(report).replace("\n", "\n   "))
-    train_report = audit_perceiver(perceiver, train_set, views="five", device=device, record=False)
-    print(f"   (training fold: accuracy {train_report['accuracy']:.3f}, monotonic {train_report['monotonic']:.3f})")
-
-    perceiver.save_pretrained(out / "perceiver")
+    real = weights == "pretrained"
+    clip = "OpenAI CLIP ViT-B/32" if real else f"the library's tiny random CLIP ({TINY_CLIP_NAME})"
+    print(f"2) stage 1 by run_stage1: two folds, a small restorer per fold, medium images, gates, prompts on {clip} "
+          "learned on fold 0, audit on fold 1 ...")
+    if not real:
+        warnings.warn("no pretrained CLIP weights (--weights tiny, or none cached and no Hub): the perceiver uses a "
+                      "tiny RANDOM CLIP, so its audit shows that stage 1 runs, not what prompts on CLIP achieve",
+                      stacklevel=1)
+    clip_settings = dict(clip_model=CLIP_NAME, pretrained=CLIP_TAG, lr=4e-4) if real else \
+        dict(clip_model=TINY_CLIP_NAME, pretrained=None, lr=2e-3)
+    result = run_stage1(
+        data, out / "stage1", SmallRestorer, restorer_name="examples/demo.py:SmallRestorer",
+        medium=MediumSettings(steps=args.restorer_steps, crop_size=48, batch_size=8, lr=3e-3,
+                              task_repeats={"rain": 1}),  # 12 images per task: no resampling
+        prompts=PromptSettings(n_ctx=8, steps=args.prompt_steps, batch_size=12, holdout_fold=1, **clip_settings),
+        device=device, perceiver_out=out / "perceiver", rebuild=args.rebuild, progress=False)
+    print("   " + result.report.read_text(encoding="utf-8").replace("\n", "\n   "))
+    perceiver, audit = result.perceiver, result.audits["holdout_fold1"]
+    train_audit = audit_perceiver(perceiver, TripletImages(result.triplets, data, folds=[0]), device=device,
+                                  record=False)
+    print(f"   (training fold: accuracy {train_audit['accuracy']:.3f}, monotonic {train_audit['monotonic']:.3f})")
     figure = out / "perceiver_demo.png"
-    save_figure(perceiver, held_out, figure, f"Held-out triplets — {'OpenAI ViT-B/32' if real else 'tiny random CLIP'}")
-    print(f"7) saved {out / 'perceiver'} (prompts, config, model card) and {figure}")
-    return {"gates": gates, "audit": report, "train_audit": train_report, "real_clip": real}
+    save_figure(perceiver, TripletImages(result.triplets, data, folds=[1]), figure, f"Held-out triplets — {clip}")
+    print(f"3) saved {result.perceiver_dir} (prompts, config, model card), {result.report} and {figure}")
+    return {"gates": result.gates, "audit": audit, "train_audit": train_audit, "real_clip": real}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/demo", help="output folder")
+    parser.add_argument("--recipe", choices=("auto", *RECIPES), default="auto",
+                        help="offline: the parts that learn without pretrained networks (CFE + PGM, L1 + λ1·L_cl); "
+                        "full: everything (SGM, L_clip, L_dpl with proxies); auto: full when pretrained weights are "
+                        "cached or downloadable, else offline")
+    parser.add_argument("--weights", choices=("auto", "pretrained", "tiny"), default="auto",
+                        help="CLIP, DINOv2 and VGG: pretrained (cached, or downloaded), tiny random networks, or auto "
+                        "(pretrained when all are cached or the Hub answers)")
     parser.add_argument("--restorer-steps", type=int, default=500, help="stage 1: steps of each fold restorer")
     parser.add_argument("--prompt-steps", type=int, default=200, help="stage 1: prompt-learning steps")
-    parser.add_argument("--tiny-clip", action="store_true", help="never try to download CLIP weights")
+    parser.add_argument("--rebuild", action="store_true", help="stage 1: make everything again in OUT/stage1 (other "
+                        "settings than the stored results' are otherwise refused)")
     defaults = Stage2Settings()
     parser.add_argument("--backbone", default=defaults.backbone, help="stage 2: an examples/backbones registry name")
     parser.add_argument("--stage2-steps", type=int, default=defaults.steps, help="stage 2: steps of each run")
     parser.add_argument("--stage2-batch", type=int, default=defaults.batch_size)
     parser.add_argument("--stage2-crop", type=int, default=defaults.crop_size)
     parser.add_argument("--stage2-lr", type=float, default=defaults.lr, help="stage 2: AdamW lr of both runs")
-    parser.add_argument("--frozen-nets", choices=("tiny", "pretrained"), default=defaults.frozen,
-                        help="stage 2: DINOv2 and VGG as tiny random nets (offline) or pretrained (downloads)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (the demo's models are small: 1 is fastest on a busy machine)")
@@ -262,23 +268,35 @@ def main(argv: list[str] | None = None) -> int:
                          "choose a backbone that PerceiveAdapter wraps (restormer, nafnet, promptir, or their -tiny)")
     except ValueError as error:  # unknown name: say so now, not after stage 1
         parser.error(str(error))
+    status = pretrained_status(reachable=None if args.weights != "tiny" else False)
+    try:
+        recipe, weights = choose(args.recipe, args.weights, status)
+    except ValueError as error:
+        parser.error(str(error))
+    if weights == "pretrained" and "downloadable" not in status.values():
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True  # all cached: load them without asking the Hub
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     out = Path(args.out)
+    print(f"recipe {recipe!r}, weights {weights!r} (pretrained weights: "
+          f"{', '.join(f'{name} {state}' for name, state in status.items())})")
 
-    stage1_results = stage1(args, out, torch.device(args.device))
+    stage1_results = stage1(args, out, torch.device(args.device), weights)
     seconds = {"stage 1": time.perf_counter() - started}
     settings = Stage2Settings(backbone=args.backbone, steps=args.stage2_steps, batch_size=args.stage2_batch,
-                              crop_size=args.stage2_crop, lr=args.stage2_lr, frozen=args.frozen_nets,
-                              device=args.device)
+                              crop_size=args.stage2_crop, lr=args.stage2_lr, recipe=recipe,
+                              frozen="pretrained" if weights == "pretrained" else "tiny", device=args.device)
     stage2 = run_stage2(out, out / "data", out / "stage1", SmallRestorer, settings)
     seconds["stage 2"] = time.perf_counter() - started - seconds["stage 1"]
-    (out / "report.json").write_text(json.dumps({**stage1_results, "stage2": stage2, "seconds": seconds}, indent=2,
-                                                ensure_ascii=False), encoding="utf-8")
+    choice = {"recipe": recipe, "weights": weights, "pretrained": status}
+    (out / "report.json").write_text(json.dumps({**stage1_results, **choice, "stage2": stage2, "seconds": seconds},
+                                                indent=2, ensure_ascii=False), encoding="utf-8")
     command = "python examples/demo.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    report = write_report(out, **stage1_results, stage2=stage2, seconds=seconds, command=command.strip())
-    print(f"12) wrote {report} (tables, grids, curves) and {out / 'report.json'}")
+    report = write_report(out, **stage1_results, **choice, stage2=stage2, seconds=seconds, command=command.strip())
+    print(f"wrote {report} (tables, grids, curves) and {out / 'report.json'}")
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
 

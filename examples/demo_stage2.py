@@ -7,12 +7,14 @@ Everything runs through the example scripts' own functions, in this process:
    9 images per task for training, 3 held out (``HELD_OUT``: no crop of their source photographs is in the
    training split), and the held-out test sets in ``evaluate.py``'s layout: noise σ 15/25/50 (one fixed
    realisation each), haze, rain.
-2. **Proxy negatives** (``make_proxy_cache``): ``prepare_proxy_inputs.prepare`` writes every training input
-   (noise fixed by a seed) and its manifest; each stage-1 fold model renders the inputs of the fold it never
-   trained on into the slot ``stage1`` of a render cache: K = 1 proxy negative per crop.
-3. **Perceive-IR** (``perceive_recipe.run``): the backbone in ``PerceiveAdapter`` (CFE, SGM, PGM),
-   ``QualityAwareLoss`` with the stage-1 perceiver (loaded back from its saved folder) and tiny random
-   DINOv2/VGG (``--frozen tiny``; ``frozen="pretrained"`` for the real ones).
+2. **Proxy negatives** (``make_proxy_cache``, full recipe only: L_dpl is their one user):
+   ``prepare_proxy_inputs.prepare`` writes every training input (noise fixed by a seed) and its manifest; each
+   stage-1 fold model renders the inputs of the fold it never trained on into the slot ``stage1`` of a render
+   cache: K = 1 proxy negative per crop.
+3. **Perceive-IR** (``perceive_recipe.run``): the backbone in ``PerceiveAdapter``. ``recipe="offline"``: CFE and
+   PGMs, L1 + λ1·L_cl (the parts that learn without pretrained networks); ``"full"``: also SGM and
+   λ2·L_clip + λ3·L_dpl with the stage-1 perceiver (loaded back from its saved folder), DINOv2 and VGG
+   (``frozen``: ``"tiny"`` random networks or ``"pretrained"``). ``recipe_parts`` says what ran and why.
 4. **Baseline** (``train_plain.main``): the same backbone, bare, L1; same steps, batch, crop, learning rate
    and seed, so both start from the same backbone weights (the adapter starts as the bare backbone).
 5. **Evaluation** (``evaluate.main``; ``--run`` for the Perceive-IR run): whole images, fp32, PSNR/SSIM on
@@ -47,6 +49,7 @@ TASKS = LAYOUTS["3task"]
 SLOT = "stage1"
 NOISE_SEED = 0
 RUNS = {"bare": "bare (L1)", "perceive-ir": "Perceive-IR"}  # run folder → row label
+RECIPES = ("offline", "full")
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,40 @@ class Stage2Settings:
     batch_size: int = 8
     crop_size: int = 64
     lr: float = 2e-3
-    frozen: str = "tiny"  # DINOv2 and VGG of the recipe: tiny random nets, or "pretrained" (downloads)
+    recipe: str = "offline"  # "offline": CFE + PGM, L1 + λ1·L_cl; "full": + SGM, λ2·L_clip, λ3·L_dpl (proxies)
+    frozen: str = "tiny"  # CLIP, DINOv2 and VGG where the recipe uses them: tiny random nets, or "pretrained"
     device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One module or loss term of the Perceive-IR run: whether it ran, and why."""
+
+    name: str
+    ran: bool
+    why: str
+
+
+def recipe_parts(recipe: str, frozen: str) -> list[Part]:
+    """What the Perceive-IR run of ``recipe`` uses, with the reason (the report's table)."""
+    full, pretrained = recipe == "full", frozen == "pretrained"
+    random_note = ("pretrained weights" if pretrained else
+                   "with tiny RANDOM weights (--recipe full offline): the code path runs, but this is no objective")
+    return [
+        Part("L1(R, G)", True, "the restoration term, as in the bare run"),
+        Part("CFE + λ1·L_cl (contrastive)", True, "learns from the data alone: L_cl pulls the embeddings of two crops "
+             "of one degraded image together and pushes other degradations away"),
+        Part("PGM (FiLM on every decoder level)", True, "learns from the data, driven by CFE's embedding; it starts "
+             "at zero, so the adapter starts as the bare backbone"),
+        Part("SGM (frozen DINOv2 priors)", full, random_note if full else
+             "offline its DINOv2 could only be a random network, whose features are no semantic prior"),
+        Part("λ2·L_clip (CLIP-aware, stage-1 perceiver)", full, random_note if full else
+             "offline the perceiver's CLIP is random, so its quality score is no objective; its gradient leaves a "
+             "fine periodic texture in the outputs"),
+        Part("λ3·L_dpl (difficulty-adaptive perceptual) with proxy negatives", full, random_note if full else
+             "offline its VGG-16 could only be random: distances in a random network are no objective (the same "
+             "texture); the proxy negatives it compares against are not rendered"),
+    ]
 
 
 def make_layout(stage1_data: Path, root: Path, eval_root: Path) -> list[tuple[str, str]]:
@@ -109,8 +144,8 @@ def make_proxy_cache(root: Path, cache_dir: Path, stage1_dir: Path, stage1_data:
     return counts
 
 
-def train(settings: Stage2Settings, root: Path, cache_dir: Path, runs: Path, perceiver: QualityPerceiver
-          ) -> dict[str, float]:
+def train(settings: Stage2Settings, root: Path, cache_dir: Path | None, runs: Path,
+          perceiver: QualityPerceiver | None) -> dict[str, float]:
     """Train the Perceive-IR run and the bare baseline; returns the seconds each took."""
     shared = ["--data", str(root), "--layout", "3task", "--repeat", "noise=1", "haze=1", "rain=1", "--no-val",
               "--backbone", settings.backbone, "--steps", str(settings.steps), "--batch-size", str(settings.batch_size),
@@ -119,9 +154,10 @@ def train(settings: Stage2Settings, root: Path, cache_dir: Path, runs: Path, per
               "--log-every", str(max(1, settings.steps // 30)), "--ckpt-every", str(settings.steps)]
     seconds = {}
     started = time.perf_counter()
-    run(Recipe(settings.backbone, "demo"), shared + ["--frozen", settings.frozen, "--proxy-cache", str(cache_dir),
-                                                     "--no-bf16", "--out-dir", str(runs / "perceive-ir")],
-        perceiver=perceiver)
+    terms = (["--proxy-cache", str(cache_dir)] if settings.recipe == "full" else
+             ["--clip-weight", "0", "--dpl-weight", "0", "--no-proxies"])
+    run(Recipe(settings.backbone, "demo"), shared + ["--frozen", settings.frozen, *terms, "--no-bf16", "--out-dir",
+                                                     str(runs / "perceive-ir")], perceiver=perceiver)
     seconds["perceive-ir"] = time.perf_counter() - started
     started = time.perf_counter()
     train_plain.main(shared + ["--out-dir", str(runs / "bare")])
@@ -151,26 +187,31 @@ def run_stage2(out: Path, stage1_data: Path, stage1_dir: Path, restorer: Callabl
     if folder.exists():
         shutil.rmtree(folder)  # derived from stage 1 in seconds; a stale cache or run must not be reused
     root, eval_root, cache_dir, runs = folder / "data", folder / "eval", folder / "proxy-cache", folder / "runs"
-    print(f"8) stage-2 data: {len(HELD_OUT)} held-out images ({', '.join(HELD_OUT)}), the rest for training ...")
+    print(f"4) stage-2 data: {len(HELD_OUT)} held-out images ({', '.join(HELD_OUT)}), the rest for training ...")
     specs = make_layout(stage1_data, root, eval_root)
-    print("9) proxy negatives: each stage-1 fold model renders the fold it never trained on ...")
-    cache_counts = make_proxy_cache(root, cache_dir, stage1_dir, stage1_data, restorer, settings.device,
-                                    settings.crop_size)
-    print(f"   {cache_counts['inputs']} training inputs rendered into {cache_dir} (slot {SLOT!r})")
-    perceiver = QualityPerceiver.from_pretrained(out / "perceiver")  # the saved stage-1 perceiver, as users load it
-    print(f"10) training {settings.backbone} for {settings.steps} steps twice: Perceive-IR (adapter + QualityAwareLoss,"
-          f" {settings.frozen} DINOv2/VGG) and bare with L1 ...")
-    seconds = train(settings, root, cache_dir, runs, perceiver)
+    full = settings.recipe == "full"
+    cache_counts, perceiver = {}, None
+    if full:
+        print("5) proxy negatives: each stage-1 fold model renders the fold it never trained on ...")
+        cache_counts = make_proxy_cache(root, cache_dir, stage1_dir, stage1_data, restorer, settings.device,
+                                        settings.crop_size)
+        print(f"   {cache_counts['inputs']} training inputs rendered into {cache_dir} (slot {SLOT!r})")
+        perceiver = QualityPerceiver.from_pretrained(out / "perceiver")  # the saved stage-1 perceiver, as users do
+    ran = [part.name for part in recipe_parts(settings.recipe, settings.frozen) if part.ran]
+    print(f"6) training {settings.backbone} for {settings.steps} steps twice: Perceive-IR ({settings.recipe} recipe: "
+          f"{'; '.join(ran)}) and bare with L1 ...")
+    seconds = train(settings, root, cache_dir if full else None, runs, perceiver)
     print(f"   Perceive-IR {seconds['perceive-ir']:.0f} s, bare {seconds['bare']:.0f} s")
-    print("11) evaluation on the held-out images (whole images, fp32, 8-bit PSNR/SSIM):")
+    print("7) evaluation on the held-out images (whole images, fp32, 8-bit PSNR/SSIM):")
     summaries = evaluate_runs(settings, eval_root, specs, runs)
     saved = {name: sum(t.numel() for t in load_file(str(runs / name / "model.safetensors")).values()) for name in RUNS}
     result = {"settings": asdict(settings), "held_out": list(HELD_OUT), "sets": specs, "cache": cache_counts,
+              "parts": [asdict(part) for part in recipe_parts(settings.recipe, settings.frozen)],
               "train_seconds": seconds, "parameters": saved, "summaries": summaries,
               "runs": {name: str(runs / name) for name in RUNS}, "eval_root": str(eval_root)}
     (folder / "results.json").write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
     return result
 
 
-__all__ = ["HELD_OUT", "RUNS", "Stage2Settings", "evaluate_runs", "make_layout", "make_proxy_cache", "run_stage2",
-           "train"]
+__all__ = ["HELD_OUT", "RECIPES", "RUNS", "Part", "Stage2Settings", "evaluate_runs", "make_layout", "make_proxy_cache",
+           "recipe_parts", "run_stage2", "train"]

@@ -1,4 +1,5 @@
-"""The README's main job runs both stages end to end (here with very few steps) and writes a sane report."""
+"""The README's main job runs both stages end to end (here with very few steps) and writes a sane report: offline
+by default the Perceive-IR parts that learn without pretrained networks, the full recipe one flag away."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +9,7 @@ import io
 import json
 import math
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,39 +32,78 @@ def demo_module():
         sys.path.remove(str(EXAMPLES))
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, demo_module):
-    """One whole demo run with a few steps per stage: (output folder, printed text, report.json)."""
-    out = tmp_path_factory.mktemp("demo") / "demo"
+FEW_STEPS = ["--restorer-steps", "4", "--prompt-steps", "4", "--stage2-steps", "3", "--stage2-batch", "4",
+             "--stage2-crop", "32", "--device", "cpu"]
+
+
+def _run_demo(demo_module, out: Path, *flags: str) -> tuple[Path, str, dict]:
     printed = io.StringIO()
-    with pytest.warns(UserWarning, match="--tiny-clip was given: this demo uses a tiny RANDOM CLIP"), \
-            contextlib.redirect_stdout(printed):
-        code = demo_module.main(["--out", str(out), "--restorer-steps", "4", "--prompt-steps", "4", "--tiny-clip",
-                                 "--stage2-steps", "3", "--stage2-batch", "4", "--stage2-crop", "32",
-                                 "--device", "cpu"])
-    assert code == 0
+    with pytest.warns(UserWarning, match="the perceiver uses a tiny RANDOM CLIP"), contextlib.redirect_stdout(printed):
+        assert demo_module.main(["--out", str(out), *FEW_STEPS, *flags]) == 0
     return out, printed.getvalue(), json.loads((out / "report.json").read_text(encoding="utf-8"))
 
 
-def test_stage1_writes_gates_audit_and_a_perceiver_that_scores_from_the_cli(demo_run, capsys):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, demo_module):
+    """The default demo, offline (no cached weights, HF_HUB_OFFLINE=1), with a few steps per stage:
+    (output folder, printed text, report.json)."""
+    return _run_demo(demo_module, tmp_path_factory.mktemp("demo") / "demo")
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, demo_module):
+    """The full recipe on tiny random networks (SGM, L_clip, L_dpl with proxies), a few steps per stage."""
+    return _run_demo(demo_module, tmp_path_factory.mktemp("demo-full") / "demo", "--recipe", "full")
+
+
+def _log(run_folder: Path) -> list[dict]:
+    with open(run_folder / "train_log.csv", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_stage1_runs_through_run_stage1_and_its_perceiver_scores_after_a_move(demo_run, tmp_path, capsys):
     out, printed, report = demo_run
-    assert "medium-image gates" in printed and "authors' gate" in printed
+    assert "## Medium-image gates" in printed and "Authors' gate" in printed
     assert report["real_clip"] is False
     assert set(report["gates"]["per_task"]) == {"noise", "haze", "rain"}
     assert report["audit"]["n_triplets"] + report["train_audit"]["n_triplets"] == report["gates"]["overall"]["n"] == 36
     assert (out / "perceiver_demo.png").stat().st_size > 10_000
+    recorded = json.loads((out / "stage1" / "recipe.json").read_text())  # run_stage1's settings record
+    assert recorded["restorer"] == "examples/demo.py:SmallRestorer" and recorded["prompts"]["holdout_fold"] == 1
+    assert "## Perceiver audit: holdout_fold1" in (out / "stage1" / "report.md").read_text()
     config = json.loads((out / "perceiver" / "config.json").read_text())
-    assert config["clip_model"].startswith("local-dir:") and config["training"]["steps"] == 4
+    assert config["clip_model"] == "perceive-tiny-clip" and config["training"]["steps"] == 4  # a name, not a path
 
     from perceive_components.cli import main
 
-    image = str(EXAMPLES / "data" / "demo_images" / "coffee_0.png")  # the saved perceiver scores from the CLI
-    assert main(["score", image, "--perceiver", str(out / "perceiver"), "--json", "--device", "cpu"]) == 0
+    moved = tmp_path / "elsewhere" / "perceiver"  # outputs moved: the perceiver still loads and scores
+    shutil.copytree(out / "perceiver", moved)
+    image = str(EXAMPLES / "data" / "demo_images" / "coffee_0.png")
+    assert main(["score", image, "--perceiver", str(moved), "--json", "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["image"] == image
 
 
-def test_proxy_negatives_come_from_the_fold_model_that_never_saw_the_image(demo_run):
-    out, _, report = demo_run
+def test_the_offline_default_runs_the_parts_that_learn_without_pretrained_networks(demo_run):
+    out, printed, report = demo_run
+    assert (report["recipe"], report["weights"]) == ("offline", "tiny")
+    assert set(report["pretrained"].values()) == {"missing"}
+    ran = {part["name"]: part["ran"] for part in report["stage2"]["parts"]}
+    assert [name for name, on in ran.items() if on] == ["L1(R, G)", "CFE + λ1·L_cl (contrastive)",
+                                                        "PGM (FiLM on every decoder level)"]
+    runs = out / "stage2" / "runs"
+    logged = set(_log(runs / "perceive-ir")[0])  # the terms that really ran: L1 and L_cl only
+    assert {"l1", "contrastive"} <= logged and not {"clip", "perceptual"} & logged
+    assert not json.loads((runs / "perceive-ir" / "net.json").read_text())["sgm"]  # no SGM in the adapter
+    assert not (out / "stage2" / "proxy-cache").exists()  # L_dpl off: no proxies rendered
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "**Recipe `offline`** (no pretrained CLIP, DINOv2 and VGG weights were found" in text
+    for name, on in ran.items():  # the report names every part, whether it ran, and why
+        assert re.search(rf"\| {re.escape(name)} \| {'yes' if on else '[*][*]no[*][*]'} \| \w", text), name
+    assert "Perceive-IR (offline recipe: L1(R, G); CFE + λ1·L_cl (contrastive); PGM" in printed
+
+
+def test_proxy_negatives_come_from_the_fold_model_that_never_saw_the_image(full_run):
+    out, _, report = full_run
     stage1_folds = {(row["task"], Path(row["clean"]).name): row["fold"]
                     for row in map(json.loads, (out / "stage1" / "pairs.jsonl").read_text().splitlines())}
     cache = out / "stage2" / "proxy-cache"
@@ -76,19 +117,21 @@ def test_proxy_negatives_come_from_the_fold_model_that_never_saw_the_image(demo_
     assert not held_out & {Path(row["input"]).name for row in rows}  # no held-out image is trained on
 
 
-def test_both_stage2_runs_trained_the_same_steps_with_their_own_losses(demo_run):
-    out, printed, report = demo_run
+def test_the_full_recipe_trains_every_part_the_same_steps_as_bare(full_run):
+    out, printed, report = full_run
+    assert (report["recipe"], report["weights"]) == ("full", "tiny")
     assert "training restormer-tiny for 3 steps twice" in printed
+    assert all(part["ran"] for part in report["stage2"]["parts"])
     runs = out / "stage2" / "runs"
-    logs = {name: list(csv.DictReader(open(runs / name / "train_log.csv", encoding="utf-8")))
-            for name in ("bare", "perceive-ir")}
+    logs = {name: _log(runs / name) for name in ("bare", "perceive-ir")}
     assert [row["step"] for row in logs["bare"]] == [row["step"] for row in logs["perceive-ir"]] == ["1", "2", "3"]
     assert {"l1", "contrastive", "clip", "perceptual"} <= set(logs["perceive-ir"][0])
     assert "clip" not in logs["bare"][0]
     for row in [*logs["bare"], *logs["perceive-ir"]]:
         assert math.isfinite(float(row["loss"])) and row["skipped"] == "0"
     spec = json.loads((runs / "perceive-ir" / "net.json").read_text())
-    assert spec["backbone"] == "restormer-tiny" and spec["adapter"] and spec["frozen"] == "tiny"
+    assert spec["backbone"] == "restormer-tiny" and spec["adapter"] and spec["frozen"] == "tiny" and spec["sgm"]
+    assert "**Recipe `full` on tiny random networks**" in (out / "report.md").read_text(encoding="utf-8")
     parameters = report["stage2"]["parameters"]
     assert 0 < parameters["bare"] < parameters["perceive-ir"]
 
@@ -123,9 +166,9 @@ def test_report_md_has_the_tables_the_warning_and_working_image_links(demo_run):
     out, printed, report = demo_run
     text = (out / "report.md").read_text(encoding="utf-8")
     assert "show that the pipeline works end to end; they do **not** show what the method achieves" in text
-    assert "tiny **random** CLIP" in text and "tiny **random** DINOv2 and VGG" in text
-    for header in ("| task | pairs | PSNR improved", "| task | triplets | accuracy",
-                   "| PSNR / SSIM | σ15 | σ25 | σ50 | haze | rain | average |"):
+    assert "Stage 1 learned its prompts on the library's tiny **random** CLIP" in text
+    for header in ("| task | pairs | PSNR improved", "| task | triplets | accuracy", "| Perceive-IR part | ran | why |",
+                   "| PSNR / SSIM | σ15 | σ25 | σ50 | haze | rain | average |", "## Notes on the numbers below"):
         assert header in text
     for label in ROWS:
         psnr_value, ssim_value, _ = report["stage2"]["summaries"][label]["average"]
@@ -166,14 +209,87 @@ def test_a_backbone_the_demo_cannot_compare_is_refused_before_stage1(demo_module
     assert not (tmp_path / "never").exists()
 
 
-def test_the_reading_note_names_random_nets_unless_every_frozen_net_is_pretrained(demo_module):
+def test_the_reading_note_says_what_ran_with_which_weights(demo_module):
     from demo_report import reading_note
 
-    tiny = {"frozen": "tiny", "backbone": "restormer-tiny", "steps": 150}
-    for real_clip, settings in ((False, tiny), (True, tiny), (False, {**tiny, "frozen": "pretrained"})):
-        note = reading_note(real_clip, settings)
-        assert "with random frozen networks" in note and "may well score below the bare backbone" in note
-        assert "do **not** show what the method achieves" in note
-    note = reading_note(True, {**tiny, "frozen": "pretrained"})
-    assert "OpenAI CLIP ViT-B/32" in note and "pretrained DINOv2-B and VGG-16" in note and "150 training steps" in note
-    assert "random" not in note and "do **not** show what the method achieves" in note
+    settings = {"backbone": "restormer-tiny", "steps": 150}
+    offline = reading_note("offline", "tiny", settings)
+    assert "**Recipe `offline`** (no pretrained" in offline and "`--recipe full` runs them too" in offline
+    assert "tiny **random** CLIP" in offline and "the offline stage-2 run does not use it" in offline
+    random_full = reading_note("full", "tiny", settings)
+    assert "**Recipe `full` on tiny random networks**" in random_full and "periodic texture" in random_full
+    real = reading_note("full", "pretrained", settings)
+    assert "OpenAI CLIP ViT-B/32 (the stage-1 perceiver), DINOv2-B (SGM) and VGG-16" in real
+    assert "random" not in real and "150 training steps" in real
+    for note in (offline, random_full, real):
+        assert "they do **not** show what the method achieves" in note
+
+
+def _summaries(bare: tuple[float, ...], ours: tuple[float, ...]) -> dict:
+    """PSNR/SSIM on σ15 then haze of each run, against inputs at 24.6/.33 and 8.5/.60."""
+    def rows(values):
+        return {"σ15": (*values[:2], 3), "haze": (*values[2:], 3),
+                "average": ((values[0] + values[2]) / 2, (values[1] + values[3]) / 2, 6)}
+
+    return {"degraded input": rows((24.6, 0.33, 8.5, 0.60)), "bare (L1)": rows(bare), "Perceive-IR": rows(ours)}
+
+
+def _gates(noise_improved: float) -> dict:
+    row = {"n": 12, "psnr_improved_rate": noise_improved, "r_in_band_rate": 0.8, "r_median": 0.4,
+           "passed": noise_improved >= 0.9}
+    return {"per_task": {"noise": row, "haze": {**row, "psnr_improved_rate": 1.0, "passed": True}}}
+
+
+def _audit(passed: bool) -> dict:
+    return {"accuracy": 0.4, "monotonic": 0.1, "n_triplets": 15, "gate": {"passed": passed}}
+
+
+def test_every_questionable_row_gets_a_note(demo_module):
+    from demo_report import explanations
+
+    settings = {"steps": 150, "recipe": "offline"}
+    summaries = _summaries(bare=(24.3, 0.32, 15.6, 0.59), ours=(24.0, 0.34, 15.7, 0.61))
+    notes = explanations(summaries, _gates(0.75), _audit(False), _audit(False), settings, "tiny")
+    joined = "\n".join(notes)
+    assert "**bare (L1) on σ15: 24.30/.320, below its own input (24.60/.330) in PSNR and SSIM.**" in joined
+    assert "its input is already fairly clean (24.6 dB)" in joined
+    assert ("**bare (L1) on haze: 15.60/.590, below its own input (8.50/.600) in SSIM.** PSNR rises (8.50 → 15.60 dB)"
+            in joined)
+    assert "Perceive-IR on haze" not in joined and "Perceive-IR on σ15: 24.00/.340, below its own input" in joined
+    assert ("**Perceive-IR − bare, average: -0.10 dB PSNR, +0.020 SSIM** (per set from -0.30 to +0.10 dB, widest on "
+            "σ15)") in joined
+    assert "**Stage-1 gate not passed for noise:** too few beat the degraded input (PSNR improved 0.75" in joined
+    assert "gate not passed for haze" not in joined
+    assert "**The perceiver's held-out audit does not pass the authors' gate** (accuracy 0.40" in joined
+    assert "on a tiny random CLIP" in joined
+
+    above = _summaries(bare=(25.0, 0.40, 15.6, 0.61), ours=(25.1, 0.41, 15.7, 0.62))
+    fine = explanations(above, _gates(0.95), _audit(True), _audit(True), settings, "pretrained")
+    assert len(fine) == 1 and fine[0].startswith("**Perceive-IR − bare")  # nothing below input, the gates pass
+
+
+def test_the_recipe_follows_the_pretrained_weights_found(demo_module):
+    cached = dict.fromkeys(("CLIP", "DINOv2", "VGG"), "cached")
+    assert demo_module.choose("auto", "auto", cached) == ("full", "pretrained")
+    assert demo_module.choose("auto", "auto", {**cached, "VGG": "downloadable"}) == ("full", "pretrained")
+    assert demo_module.choose("auto", "auto", {**cached, "VGG": "missing"}) == ("offline", "tiny")
+    assert demo_module.choose("full", "auto", {**cached, "VGG": "missing"}) == ("full", "tiny")  # one flag away
+    assert demo_module.choose("offline", "auto", cached) == ("offline", "pretrained")
+    assert demo_module.choose("auto", "tiny", cached) == ("offline", "tiny")
+    with pytest.raises(ValueError, match=r"--weights pretrained: no cached weights and no Hub for \['VGG'\]"):
+        demo_module.choose("auto", "pretrained", {**cached, "VGG": "missing"})
+
+
+def test_pretrained_weights_are_found_in_the_cache_without_a_download(demo_module, tmp_path):
+    repos = demo_module.pretrained_repos()
+    assert repos == {"CLIP ViT-B/32 (OpenAI)": "timm/vit_base_patch32_clip_224.openai",
+                     "DINOv2-B/14": "timm/vit_base_patch14_dinov2.lvd142m", "VGG-16": "timm/vgg16.tv_in1k"}
+    folder = tmp_path / f"models--{repos['VGG-16'].replace('/', '--')}"  # the Hugging Face cache layout
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0123abcd")
+    (folder / "snapshots" / "0123abcd").mkdir(parents=True)
+    (folder / "snapshots" / "0123abcd" / "model.safetensors").write_bytes(b"weights")
+    assert demo_module.pretrained_status(tmp_path, reachable=False) == {
+        "CLIP ViT-B/32 (OpenAI)": "missing", "DINOv2-B/14": "missing", "VGG-16": "cached"}
+    assert demo_module.pretrained_status(tmp_path, reachable=True)["DINOv2-B/14"] == "downloadable"
+    assert demo_module.hub_reachable() is False  # HF_HUB_OFFLINE=1 in the tests: the Hub is never asked
