@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from examples.common.logs import read_rows
 import torch
 
 from examples.evaluate import format_cell
+from examples.train_support import read_rows
 from perceive_components.ops.io import list_images, read_image
 from perceive_components.ops.metrics import psnr, quantize_8bit
 

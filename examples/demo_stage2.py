@@ -10,7 +10,7 @@ Everything runs through the example scripts' own functions, in this process:
 2. **Proxy negatives** (``make_proxy_cache``): ``prepare_proxy_inputs.prepare`` writes every training input
    (noise fixed by a seed) and its manifest; each stage-1 fold model renders the inputs of the fold it never
    trained on into the slot ``stage1`` of a render cache: K = 1 proxy negative per crop.
-3. **Perceive-IR** (``perceive_recipe.run``): the backbone in ``PerceiveAdapter`` (CFE, SGM, PGM),
+3. **Perceive-IR** (``train_restormer_perceive.main``): the backbone in ``PerceiveAdapter`` (CFE, SGM, PGM),
    ``QualityAwareLoss`` with the stage-1 perceiver (loaded back from its saved folder) and tiny random
    DINOv2/VGG (``--frozen tiny``; ``frozen="pretrained"`` for the real ones).
 4. **Baseline** (``train_plain.main``): the same backbone, bare, L1; same steps, batch, crop, learning rate
@@ -30,14 +30,10 @@ from typing import Callable
 from safetensors.torch import load_file
 from torch import nn
 
-import train_plain  # examples/train_plain.py (examples/ is on sys.path: this module is imported from there)
-from examples import evaluate
-from examples.common.perceive_recipe import Recipe, run
-from examples.common.stage2_data import INPUTS_FOLDER
-from examples.prepare_proxy_inputs import prepare
+from examples import evaluate, train_plain, train_restormer_perceive
+from examples.prepare_proxy_inputs import INPUTS_FOLDER, prepare
 from perceive_components import QualityPerceiver
-from perceive_components.data.layouts import LAYOUTS, NOISE_SIGMAS, PairedTestSet
-from perceive_components.data.pairing import TASK_FOLDERS, find_pairs
+from perceive_components.data import LAYOUTS, NOISE_SIGMAS, TASK_FOLDERS, PairedTestSet, find_pairs
 from perceive_components.negatives import RenderCache, items_from_manifest
 from perceive_components.ops.io import list_images, write_image
 from perceive_components.stage1 import read_jsonl, write_jsonl
@@ -119,9 +115,8 @@ def train(settings: Stage2Settings, root: Path, cache_dir: Path, runs: Path, per
               "--log-every", str(max(1, settings.steps // 30)), "--ckpt-every", str(settings.steps)]
     seconds = {}
     started = time.perf_counter()
-    run(Recipe(settings.backbone, "demo"), shared + ["--frozen", settings.frozen, "--proxy-cache", str(cache_dir),
-                                                     "--no-bf16", "--out-dir", str(runs / "perceive-ir")],
-        perceiver=perceiver)
+    train_restormer_perceive.main(shared + ["--frozen", settings.frozen, "--proxy-cache", str(cache_dir), "--no-bf16",
+                                            "--out-dir", str(runs / "perceive-ir")], perceiver=perceiver)
     seconds["perceive-ir"] = time.perf_counter() - started
     started = time.perf_counter()
     train_plain.main(shared + ["--out-dir", str(runs / "bare")])

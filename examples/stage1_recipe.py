@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from examples.common.config import parse_repeats  # noqa: E402
+from examples.train_support import parse_repeats  # noqa: E402
 from perceive_components import QualityPerceiver  # noqa: E402
 from perceive_components.ops.checkpoint import atomic_write  # noqa: E402
 from perceive_components.stage1 import (  # noqa: E402
