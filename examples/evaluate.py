@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     network = parser.add_mutually_exclusive_group(required=True)
     network.add_argument("--backbone", help="registry name, e.g. restormer, nafnet, promptir")
-    network.add_argument("--run", help="a stage-2 run folder (net.json, model.safetensors) of train_*perceive*.py")
+    network.add_argument("--run", help="a run folder (net.json, model.safetensors) of train_restormer_perceive.py")
     parser.add_argument("--checkpoint", help="--backbone: official (BasicSR / Lightning / authors') or our weights; "
                         "omit for random weights. --run: a training checkpoint (step_*.pt or checkpoints/latest) "
                         "instead of the run's final weights")
