@@ -158,7 +158,7 @@ def build_trainers(args: argparse.Namespace, data: Path, cache: Path, run_dir: P
     recipe_args = script.build_parser().parse_args(argv)
     config = config_from_args(recipe_args)
     env = init_distributed(config.device)
-    net = script.build_network({"format": script.NET_FORMAT, "backbone": "restormer", "wrapped": True, "pgca": False,
+    net = script.build_network({"format": script.NET_FORMAT, "backbone": "restormer", "adapter": True, "pgca": False,
                                 "frozen": "random", "seed": config.seed})
     freeze_unused_parameters(net)
     dataset, _, _ = script.training_data(recipe_args, env)

@@ -24,7 +24,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -156,21 +156,31 @@ def training_data(args: argparse.Namespace, env: DistEnv) -> tuple[Dataset, AllI
     pairs += [pair for test_set in val_sets.values() for pair in test_set.pairs]
     files = [path for pair in pairs for path in (pair.clean, pair.degraded) if path is not None]
     scan = args.scan_cache or Path(args.out_dir) / "image_scan.json"
-    logger.info("images: %s", env.on_main(lambda: scan_images(files, cache=scan, progress=env.is_main)))
+    logger.info("images: %s", env.on_main(lambda: scan_images(files, cache=scan, progress=True)))
     return (open_proxy_cache(args, train_set, env) if args.proxy_cache else train_set), train_set, val_sets
 
 
-def probe_crops(train_set: AllInOneTrainSet, per_task: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The fixed probe set of the "probe" difficulty rule: ``per_task`` training crops ``(degraded, target)`` of
-    every task, spread evenly over the task's items, each drawn with its own seed."""
+def probe_reference(args: argparse.Namespace, config: TrainConfig, env: DistEnv, train_set: AllInOneTrainSet,
+                    net: nn.Module, *, fresh: bool) -> Callable[[int], float]:
+    """The authors' "probe" difficulty rule: ``epoch → `` the model's mean PSNR on ``--probe-crops`` fixed training
+    crops per task (spread over the task's items, each drawn with its own seed), measured at the epoch's first step
+    (each process its share, the mean over all) and kept in ``probe_psnr.json``: a resumed run reuses the value."""
     crops, start = [], 0
-    for task_index, (task, (_, items)) in enumerate(train_set.counts().items()):
-        for i in range(per_task):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + task_index * 1_009 + i)
-            item = train_set.sample(start + (i * items) // per_task, generator)
+    for task_index, (_, items) in enumerate(train_set.counts().values()):
+        for i in range(args.probe_crops):
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + task_index * 1_009 + i)
+            item = train_set.sample(start + (i * items) // args.probe_crops, generator)
             crops.append((item["degraded"], item["target"]))
         start += items
-    return crops
+    mine, size = crops[env.rank::env.world_size], config.batch_size // env.world_size
+    batches = [tuple(map(torch.stack, zip(*mine[i:i + size]))) for i in range(0, len(mine), size)]
+    record = EpochRecord(Path(config.out_dir) / "probe_psnr.json", env, fresh=fresh)
+
+    @torch.no_grad()
+    def measure() -> float:
+        return probe_psnr(net, batches, device=env.device, autocast_dtype=torch.bfloat16 if config.bf16 else None)
+
+    return lambda epoch: record.value(epoch, measure)
 
 
 # ------------------------------------------------------------------------------------------------ network
@@ -184,7 +194,7 @@ def build_network(spec: dict[str, Any]) -> nn.Module:
     ``spec["seed"]``: the same in every process and when ``examples/evaluate.py --run`` rebuilds it."""
     pretrained, tiny = spec["frozen"] == "pretrained", spec["frozen"] == "tiny"
     with seeded_global_rng(spec["seed"]):
-        if spec["wrapped"]:
+        if spec["adapter"]:  # the backbone wrapped in PerceiveAdapter
             backbone = create_backbone(spec["backbone"])
             levels = backbone.decoder_levels()  # {module name: channels}, coarse to fine
             sgm = tiny_sgm(blocks=len(levels)) if tiny else DEFAULT_DINOV2  # a timm name: DINOv2-B/14
@@ -254,7 +264,7 @@ def main(argv: Sequence[str] | None = None, *, perceiver: QualityPerceiver | Non
         wrapped = not is_self_guided(args.backbone)
         if args.pgca and not wrapped:
             raise ValueError(f"--pgca applies to adapter-wrapped backbones; {args.backbone} has its own PGCA (ETB)")
-        spec = {"format": NET_FORMAT, "backbone": args.backbone, "wrapped": wrapped, "pgca": args.pgca,
+        spec = {"format": NET_FORMAT, "backbone": args.backbone, "adapter": wrapped, "pgca": args.pgca,
                 "frozen": args.frozen, "seed": config.seed}
         claim_run_folder(Path(config.out_dir), spec, env)  # net.json: how evaluate.py --run rebuilds the network
         dataset, train_set, val_sets = training_data(args, env)
@@ -272,7 +282,6 @@ def main(argv: Sequence[str] | None = None, *, perceiver: QualityPerceiver | Non
         weights = (criterion.l1_weight, criterion.contrastive_weight, criterion.clip_weight,
                    criterion.perceptual_weight)
         logged = [name for name, weight in zip(TERMS, weights) if weight > 0]  # the same columns at every step
-        probe = probe_crops(train_set, args.probe_crops, config.seed) if args.difficulty == "probe" else None
         if args.mix_tasks:
             labels = [train_set.locate(index).task for index in range(len(train_set))]
             sampler = TaskMixingBatchSampler(labels, config.batch_size, steps=config.steps, min_tasks=2,
@@ -287,19 +296,12 @@ def main(argv: Sequence[str] | None = None, *, perceiver: QualityPerceiver | Non
                          data_record=record) as run:
             device_ids = [env.device.index] if env.device.type == "cuda" else None  # one GPU per process
             ddp = nn.parallel.DistributedDataParallel(net, device_ids=device_ids) if env.distributed else net
-            probe_record = EpochRecord(Path(config.out_dir) / "probe_psnr.json", env, fresh=run.step == 0)
-            mine, size = (probe or [])[env.rank::env.world_size], config.batch_size // env.world_size
-            probe_batches = [tuple(map(torch.stack, zip(*mine[i:i + size]))) for i in range(0, len(mine), size)]
-
-            @torch.no_grad()
-            def measure_probe() -> float:  # the mean PSNR on every process's probe crops: the difficulty reference
-                return probe_psnr(net, probe_batches, device=env.device, autocast_dtype=torch.bfloat16 if config.bf16
-                                  else None)
-
+            probe = probe_reference(args, config, env, train_set, net, fresh=run.step == 0) \
+                if args.difficulty == "probe" else None
             batches = run.batches(loader)
             while run.step < config.steps:
                 batch = move_to(next(batches), env.device)
-                model_psnr = probe_record.value(run.epoch, measure_probe) if probe else None
+                model_psnr = probe(run.epoch) if probe else None  # the difficulty reference of this epoch
                 with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     loss, terms = perceive_loss(net, ddp, criterion, batch, env, logged, model_psnr)
                 if probe:

@@ -172,7 +172,7 @@ def test_each_backbone_trains_every_trainable_part_on_cpu(backbone, data, cache,
     assert all(float(r["perceptual"]) > 0 and float(r["clip"]) > 0 for r in rows)
     spec = json.loads((out / "net.json").read_text())
     assert spec == {"format": script.NET_FORMAT, "backbone": f"{backbone}-tiny",
-                    "wrapped": backbone != "perceive-ir-net", "pgca": False, "frozen": "tiny", "seed": 0}
+                    "adapter": backbone != "perceive-ir-net", "pgca": False, "frozen": "tiny", "seed": 0}
     # every trainable parameter moved (it got a gradient: DDP needs no find_unused_parameters); the PromptIR
     # convolutions its forward never calls were frozen and did not
     initial, trained = script.build_network(spec).state_dict(), load_file(str(out / "model.safetensors"))
