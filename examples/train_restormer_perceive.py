@@ -162,9 +162,10 @@ def training_data(args: argparse.Namespace, env: DistEnv) -> tuple[Dataset, AllI
 
 def probe_reference(args: argparse.Namespace, config: TrainConfig, env: DistEnv, train_set: AllInOneTrainSet,
                     net: nn.Module, *, fresh: bool) -> Callable[[int], float]:
-    """The authors' "probe" difficulty rule: ``epoch → `` the model's mean PSNR on ``--probe-crops`` fixed training
-    crops per task (spread over the task's items, each drawn with its own seed), measured at the epoch's first step
-    (each process its share, the mean over all) and kept in ``probe_psnr.json``: a resumed run reuses the value."""
+    """The authors' "probe" difficulty rule as ``probe(epoch) -> dB``: the model's mean PSNR on ``--probe-crops``
+    fixed training crops per task (spread over the task's items, each drawn with its own seed), measured at the
+    epoch's first step (each process its share, the mean over all) and kept in ``probe_psnr.json``, so a resumed
+    run reuses its epoch's value."""
     crops, start = [], 0
     for task_index, (_, items) in enumerate(train_set.counts().values()):
         for i in range(args.probe_crops):

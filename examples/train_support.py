@@ -7,7 +7,10 @@
   library's ``TaskMixingBatchSampler`` with ``draw_seeds=True`` plugs in the same way);
 - ``TrainingRun``: the optimiser, the learning rate (``CosineSchedule``), the EMA (``ModelEMA``), the step, the
   skipping of non-finite steps (decided by all processes together), atomic checkpoints (``CheckpointManager``)
-  with exact resume, logs (``RunLog``: CSV, TensorBoard, ``curves.png``) and validation.
+  with exact resume, logs (``RunLog``: CSV, TensorBoard, ``curves.png``) and validation;
+- ``EpochRecord``: a value measured once per epoch, kept so that a resumed run reuses it;
+- ``claim_run_folder`` / ``read_net_spec`` / ``run_weights``: a run folder's ``net.json`` (how to rebuild its
+  network) and its trained weights, for ``examples/evaluate.py --run``.
 
 A script's loop (``examples/train_plain.py`` is the smallest)::
 
