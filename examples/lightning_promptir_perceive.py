@@ -1,5 +1,5 @@
 """PromptIR's PyTorch Lightning trainer with Perceive-IR added: the lines marked ``# Perceive-IR`` are the whole
-difference from a plain one (docs/integrate.md walks through them).
+difference from a plain one (docs/integrate-promptir.md walks through them).
 
 The data set and the LightningModule are written the way the official PromptIR ``train.py`` and
 ``utils/dataset_utils.py`` are: sample ids with a ``de_type``, ``crop_img(…, base=16)``, a random patch, the 8-mode

@@ -38,7 +38,9 @@ TINY_CLIP_CONFIG: dict[str, Any] = dict(
 )
 TINY_DINOV2_NAME = "vit_small_patch14_dinov2.lvd142m"  # the architecture family; random weights, made tiny below
 TINY_DINOV2_SIZE = 56
-TINY_DINOV2_KWARGS: dict[str, Any] = dict(depth=2, embed_dim=32, num_heads=2)
+# init_values=1: LayerScale at 1 instead of DINOv2's 1e-5, so the two random blocks differ from each other (at 1e-5
+# every block is nearly the identity and a test could not tell which block's CLS token reached which level).
+TINY_DINOV2_KWARGS: dict[str, Any] = dict(depth=2, embed_dim=32, num_heads=2, init_values=1.0)
 
 T = TypeVar("T")
 

@@ -12,22 +12,6 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-TINY_CLIP_CFG = dict(
-    embed_dim=32,
-    vision_cfg=dict(image_size=32, layers=2, width=64, head_width=32, patch_size=8),
-    text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2),
-    quick_gelu=True,
-)
-
-
-def make_tiny_clip(seed: int = 0):
-    """A 1.7 M-parameter random open_clip CLIP (32² images, 32-d text width)."""
-    import open_clip
-
-    torch.manual_seed(seed)
-    return open_clip.CLIP(**TINY_CLIP_CFG).eval()
-
-
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """Tiny models run fastest on one intra-op thread (two threads spin against each other and CI jobs)."""
@@ -39,12 +23,17 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tiny_clip():
-    return make_tiny_clip()
+    """The library's tiny random CLIP (``perceive_components.tiny``): the one users' smoke tests get too."""
+    from perceive_components.tiny import tiny_clip as build
+
+    return build()
 
 
 @pytest.fixture()
 def tiny_perceiver(tiny_clip):
+    """Untrained prompts (n_ctx 4) on the shared tiny CLIP; ``from_pretrained`` rebuilds that CLIP by name."""
     from perceive_components import QualityPerceiver
+    from perceive_components.tiny import TINY_CLIP_NAME
 
     torch.manual_seed(0)
-    return QualityPerceiver(clip_model="tiny-test-clip", pretrained=None, n_ctx=4, clip=tiny_clip)
+    return QualityPerceiver(clip_model=TINY_CLIP_NAME, pretrained=None, n_ctx=4, clip=tiny_clip)

@@ -10,6 +10,7 @@ from torch import nn
 
 from perceive_components import PerceiveAdapter
 from perceive_components.modules import SGM, make_positive_view
+from perceive_components.tiny import tiny_dinov2
 
 
 # ---------------------------------------------------------------------------------------------- backbones
@@ -122,18 +123,9 @@ EXPECTED_LEVELS = {
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-def tiny_dinov2(depth: int = 2):
-    import timm
-
-    torch.manual_seed(0)
-    return timm.create_model("vit_small_patch14_dinov2.lvd142m", pretrained=False, depth=depth, embed_dim=32,
-                             num_heads=2, img_size=56, dynamic_img_size=True)
-
-
-
 @pytest.fixture(scope="module")
 def dinov2():
-    return tiny_dinov2()
+    return tiny_dinov2()  # the library's stand-in: 2 blocks, width 32, 56² input
 
 
 def make_adapter(backbone: nn.Module, dinov2: nn.Module, **kwargs) -> PerceiveAdapter:
@@ -322,8 +314,19 @@ def test_bf16_autocast_training_step(dinov2):
         loss = (out.float() - x).abs().mean() + (guidance.embedding * guidance.positive_embedding).sum()
     loss.backward()
     assert guidance.embedding.dtype == torch.float32
-    assert torch.isfinite(loss)
-    assert all(torch.isfinite(p.grad).all() for p in adapter.parameters())
+    with torch.no_grad():  # the same computation as in float32, up to bf16 rounding
+        full = adapter(x, guidance=adapter.guide(x, positive=x.flip(-2)))
+    assert (out.float() - full).abs().max() < 0.05
+    bf16_grads = {name: p.grad.clone() for name, p in adapter.named_parameters()}
+    adapter.zero_grad()
+    guidance = adapter.guide(x, positive=x.flip(-2))
+    loss = (adapter(x, guidance=guidance) - x).abs().mean() + (guidance.embedding * guidance.positive_embedding).sum()
+    loss.backward()
+    errors = {name: float((bf16_grads[name] - p.grad).norm() / p.grad.norm())
+              for name, p in adapter.named_parameters()}
+    assert max(errors.values()) < 0.25, errors  # bf16 rounding (a few %; single temperatures more), not a bug
+    stacked = torch.cat([p.grad.flatten() for p in adapter.parameters()])
+    assert (torch.cat([g.flatten() for g in bf16_grads.values()]) - stacked).norm() < 0.05 * stacked.norm()
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -501,9 +504,13 @@ def test_size_not_multiple_of_factor_raises_or_pads(dinov2):
     adapter = make_adapter(ConcatUNet(), dinov2)
     with pytest.raises(ValueError, match="multiples of 4"):
         adapter(images(size=30))
-    padded = make_adapter(ConcatUNet(), dinov2, pad=True)
+    torch.manual_seed(0)
+    backbone = ConcatUNet()
+    bare = copy.deepcopy(backbone)
+    padded = make_adapter(backbone, dinov2, pad=True)  # zero-init: the bare U-Net on the padded image
     x = torch.rand(1, 3, 30, 37)
-    assert padded(x).shape == x.shape
+    with torch.no_grad():  # replicate-padded at the bottom/right to multiples of 4, cropped back
+        assert torch.equal(padded(x), bare(F.pad(x, (0, 3, 0, 2), mode="replicate"))[..., :30, :37])
 
 
 def test_level_channel_mismatch_raises(dinov2):
@@ -577,32 +584,3 @@ def test_cfe_only_and_sgm_only_ablations(dinov2):
         sgm_only.guide(x, positive=x)
     with pytest.raises(ValueError, match="both None"):
         PerceiveAdapter(ConcatUNet(), cfe=None, sgm=None)
-
-
-# ---------------------------------------------------------------------------------------------- docs
-DOC_PAGES = ["docs/adapter.md", "docs/modules/cfe.md", "docs/modules/sgm.md", "docs/modules/pgm.md",
-             "docs/modules/pgca.md"]
-
-
-@pytest.mark.parametrize("page", DOC_PAGES)
-def test_doc_examples_run(page):
-    """Every ```python block of the page runs, in order, in one namespace. A block whose first line says
-    "not run in tests" (a download) is skipped, and so is one that starts "# requires: <module>" when that
-    module is not part of this checkout."""
-    import importlib.util
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / page).read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    assert blocks
-    namespace: dict = {}
-    ran = 0
-    for block in blocks:
-        first = block.splitlines()[0]
-        required = re.match(r"# requires: (\S+)", first)
-        if "not run in tests" in first or (required and importlib.util.find_spec(required.group(1)) is None):
-            continue
-        exec(compile(block, page, "exec"), namespace)
-        ran += 1
-    assert ran

@@ -9,8 +9,8 @@ import torch
 from perceive_components import QualityPerceiver
 from perceive_components.cli import main
 from perceive_components.ops.io import read_image, write_image
+from perceive_components.tiny import TINY_CLIP_NAME
 from stage1_helpers import write_pair_folder
-from conftest import TINY_CLIP_CFG
 
 RESTORER = '''
 import torch.nn as nn
@@ -20,21 +20,9 @@ def small(width=8):
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory, tiny_clip):
-    """The tiny CLIP saved as an open_clip ``local-dir:`` model, so configs can name it."""
-    from safetensors.torch import save_file
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    cfg = {k: v for k, v in TINY_CLIP_CFG.items()}
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in tiny_clip.state_dict().items()}, folder / "open_clip_model.safetensors")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def perceiver_dir(tmp_path_factory, tiny_clip, clip_dir):
-    torch.manual_seed(1)
-    perceiver = QualityPerceiver(clip_model=f"local-dir:{clip_dir}", pretrained=None, n_ctx=4, clip=tiny_clip)
+def perceiver_dir(tmp_path_factory, tiny_clip):
+    torch.manual_seed(1)  # the saved config names the tiny CLIP, which the CLI rebuilds by name
+    perceiver = QualityPerceiver(clip_model=TINY_CLIP_NAME, pretrained=None, n_ctx=4, clip=tiny_clip)
     folder = tmp_path_factory.mktemp("perceiver")
     perceiver.save_pretrained(folder)
     return folder, perceiver
@@ -76,7 +64,7 @@ def test_score_errors_have_exit_codes(tmp_path, perceiver_dir, capsys):
     assert info.value.code == 2
 
 
-def test_stage1_commands_end_to_end(tmp_path, perceiver_dir, clip_dir, capsys):
+def test_stage1_commands_end_to_end(tmp_path, perceiver_dir, capsys):
     data, out = tmp_path / "data", tmp_path / "stage1"
     write_pair_folder(data, n_per_task=4, size=32)
     (tmp_path / "restorer.py").write_text(RESTORER)
@@ -93,7 +81,7 @@ def test_stage1_commands_end_to_end(tmp_path, perceiver_dir, clip_dir, capsys):
     assert set(gates["per_task"]) == {"noise", "haze"}
     trained = tmp_path / "trained"
     assert main(["stage1", "train-prompts", "--triplets", str(triplets), "--root", str(data), "--out", str(trained),
-                 "--clip-model", f"local-dir:{clip_dir}", "--pretrained", "", "--n-ctx", "4", "--steps", "3",
+                 "--clip-model", TINY_CLIP_NAME, "--pretrained", "", "--n-ctx", "4", "--steps", "3",
                  "--batch-size", "2", "--device", "cpu"]) == 0
     config = json.loads((trained / "config.json").read_text())
     assert config["training"]["steps"] == 3 and config["training"]["triplets"] == 8

@@ -9,12 +9,13 @@ import torch
 
 from fakehub import FakeHub
 from perceive_components import QualityPerceiver
+from perceive_components.tiny import TINY_CLIP_NAME
 
 
 @pytest.fixture()
 def saved(tmp_path, tiny_clip):
     torch.manual_seed(3)
-    perceiver = QualityPerceiver(clip_model="tiny-test-clip", pretrained=None, n_ctx=4, clip=tiny_clip)
+    perceiver = QualityPerceiver(clip_model=TINY_CLIP_NAME, pretrained=None, n_ctx=4, clip=tiny_clip)
     perceiver.training_info = {"triplets": 12, "steps": 5, "triplets_per_task": {"noise": 12}}
     perceiver.audit_metrics = {"accuracy": 0.75, "strict": 0.5, "monotonic": 0.9,
                                "per_task": {"noise": {"accuracy": 0.75, "strict": 0.5, "monotonic": 0.9}}}
@@ -39,13 +40,13 @@ def test_save_writes_only_prompts_config_and_card(saved):
     perceiver, folder = saved
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     tensors = load_file(folder / "model.safetensors")
-    assert list(tensors) == ["prompt_learner.ctx"] and tensors["prompt_learner.ctx"].shape == (3, 4, 32)
+    assert list(tensors) == ["prompt_learner.ctx"] and tensors["prompt_learner.ctx"].shape == (3, 4, 64)
     config = json.loads((folder / "config.json").read_text())
-    assert config["clip_model"] == "tiny-test-clip" and config["n_ctx"] == 4
+    assert config["clip_model"] == TINY_CLIP_NAME and config["n_ctx"] == 4
     assert config["tier_words"] == ["terrible", "mediocre", "excellent"]
-    assert config["text_width"] == 32 and config["logit_scale"] == pytest.approx(perceiver.logit_scale)
+    assert config["text_width"] == 64 and config["logit_scale"] == pytest.approx(perceiver.logit_scale)
     card = (folder / "README.md").read_text()
-    for needle in ("tiny-test-clip", "terrible, mediocre, excellent", "| n_ctx | 4 |", "triplets_per_task",
+    for needle in (TINY_CLIP_NAME, "terrible, mediocre, excellent", "| n_ctx | 4 |", "triplets_per_task",
                    "| accuracy | 0.7500 |", "| noise |", "license: apache-2.0"):
         assert needle in card, needle
 
@@ -142,7 +143,7 @@ def test_foreign_config_and_extra_tensors(saved, tiny_clip):
     with pytest.raises(ValueError, match="not a perceive-components"):
         QualityPerceiver.from_pretrained(folder, clip=tiny_clip)
     (folder / "config.json").write_text(good)
-    save_file({"prompt_learner.ctx": torch.zeros(3, 4, 32), "extra": torch.zeros(1)}, folder / "model.safetensors")
+    save_file({"prompt_learner.ctx": torch.zeros(3, 4, 64), "extra": torch.zeros(1)}, folder / "model.safetensors")
     with pytest.raises(ValueError, match="exactly"):
         QualityPerceiver.from_pretrained(folder, clip=tiny_clip)
 

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from perceive_components.tiny import tiny_vgg
 from perceive_components.losses import (
     CLIPAwareLoss,
     DegradationContrastiveLoss,
@@ -37,19 +38,9 @@ HYPOTHESIS = settings(max_examples=15, deadline=None)
 
 
 def tiny_vgg_stack(seed: int = 0) -> nn.Sequential:
-    """VGG-16 layer layout (conv/ReLU/pool positions) with 3-6 channels."""
-    torch.manual_seed(seed)
-    c1, c2, c3 = 4, 5, 6
-
-    def conv(i, o):
-        return nn.Conv2d(i, o, 3, padding=1)
-
-    return nn.Sequential(
-        conv(3, c1), nn.ReLU(True), conv(c1, c1), nn.ReLU(True), nn.MaxPool2d(2),
-        conv(c1, c2), nn.ReLU(True), conv(c2, c2), nn.ReLU(True), nn.MaxPool2d(2),
-        conv(c2, c3), nn.ReLU(True), conv(c3, c3), nn.ReLU(True), conv(c3, c3), nn.ReLU(True), nn.MaxPool2d(2),
-        conv(c3, c3), nn.ReLU(True),  # beyond relu3_3: must never run
-    )
+    """The library's VGG-16 stand-in (``perceive_components.tiny.tiny_vgg``): VGG-16's layer layout, 4-6 channels,
+    one conv beyond relu3_3 (which must never run)."""
+    return tiny_vgg(seed)
 
 
 def ref_taps(stack: nn.Sequential, image: torch.Tensor) -> list[torch.Tensor]:

@@ -168,8 +168,8 @@ OPENAI_STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
 
 
 def clip_features(clip, images: torch.Tensor, antialias: bool) -> torch.Tensor:
-    """CLIP features of images resized bicubically to the tiny CLIP's 32², with or without antialias."""
-    x = F.interpolate(images, size=(32, 32), mode="bicubic", align_corners=False, antialias=antialias)
+    """CLIP features of images resized bicubically to the tiny CLIP's 64², with or without antialias."""
+    x = F.interpolate(images, size=(64, 64), mode="bicubic", align_corners=False, antialias=antialias)
     return F.normalize(clip.visual((x - OPENAI_MEAN) / OPENAI_STD), dim=-1)
 
 
@@ -178,7 +178,7 @@ def test_resize_applies_the_recorded_antialias(tiny_clip, antialias):
     perceiver = QualityPerceiver(clip_model="tiny", pretrained=None, n_ctx=4, clip=tiny_clip,
                                  resize_antialias=antialias)
     images = torch.rand(2, 3, 80, 72)
-    expected = F.interpolate(images, size=(32, 32), mode="bicubic", align_corners=False, antialias=antialias)
+    expected = F.interpolate(images, size=(64, 64), mode="bicubic", align_corners=False, antialias=antialias)
     assert torch.equal(perceiver.resize(images), expected)
     assert perceiver.config()["resize_antialias"] is antialias
 

@@ -170,6 +170,10 @@ def test_each_backbone_trains_every_trainable_part_on_cpu(backbone, data, cache,
     for column in ("loss", "l1", "contrastive", "clip", "perceptual", "grad_norm"):
         assert all(math.isfinite(float(r[column])) for r in rows), column
     assert all(float(r["perceptual"]) > 0 and float(r["clip"]) > 0 for r in rows)
+    for r in rows:  # the logged total is the method's objective of the logged terms (docs/method.md §2.4)
+        terms = {name: float(r[name]) for name in ("l1", "contrastive", "clip", "perceptual")}
+        total = terms["l1"] + 0.1 * terms["contrastive"] + 0.05 * terms["clip"] + 0.1 * terms["perceptual"]
+        assert float(r["loss"]) == pytest.approx(total, rel=1e-5), r
     spec = json.loads((out / "net.json").read_text())
     assert spec == {"format": script.NET_FORMAT, "backbone": f"{backbone}-tiny",
                     "adapter": backbone != "perceive-ir-net", "pgca": False, "frozen": "tiny", "seed": 0}
