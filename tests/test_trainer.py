@@ -8,7 +8,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from data_factory import make_layout
+from ddp_helpers import free_port
 from examples import train_plain
 from examples.train_support import (
     CheckpointManager, CosineSchedule, DistEnv, ModelEMA, NonFiniteLossError, ResumableBatchSampler, SeededDataset,
@@ -240,12 +240,6 @@ def test_two_process_gloo_torchrun_matches_one_process(tmp_path):
     state = load_state(tmp_path / "ddp" / "checkpoints" / "step_00000004.pt")
     assert state["world_size"] == 2 and len(state["per_rank"]) == 2
     assert not torch.equal(state["per_rank"][0]["rng"]["torch"], state["per_rank"][1]["rng"]["torch"])
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def collective_decisions(rank: int, port: int, out: dict) -> None:
