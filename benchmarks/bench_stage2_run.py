@@ -33,13 +33,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "examples")]  # the scripts' own import styles
+sys.path.insert(0, str(ROOT))
 
-from examples import make_synthetic_layout, prepare_proxy_inputs, train_restormer_perceive  # noqa: E402
+from examples import make_synthetic_layout, prepare_proxy_inputs, train_plain, train_restormer_perceive  # noqa: E402
 from examples.backbones import create_backbone  # noqa: E402
 from perceive_components.negatives import RenderCache, items_from_manifest  # noqa: E402
-
-import train_plain  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,7 +61,7 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     data, cache = work / "data", work / "cache"
     if not (data / "train").is_dir():
         make_synthetic_layout.make_layout(ROOT / "examples" / "data" / "demo_images", data, size=args.size)
-    prepare_proxy_inputs.prepare(data, cache / "inputs", noise_seed=0)
+    prepare_proxy_inputs.prepare(data, cache / "inputs", noise_seed=0, crop_size=args.crop_size)
     items = items_from_manifest(cache / "inputs" / "manifest.jsonl", cache / "inputs")
     store = RenderCache(cache, create=True)
     for k in range(args.proxies):

@@ -1,9 +1,10 @@
 """One training step of the Perceive-IR recipe against the work it cannot avoid, in one run on one machine.
 
 The step under test (a) is the recipe's own: the objects of ``examples/train_restormer_perceive.py``
-(``perceive_recipe``: ``build_net``, ``build_criterion``, ``train_data``, ``PerceiveStep``) driven by the shared
-``Trainer``'s step (``train_step``: bf16 autocast if asked, forward, ``QualityAwareLoss``, backward, gradient
-norm, fused AdamW on CUDA, cosine scheduler). Network: the default Restormer (26.1 M) in ``PerceiveAdapter``
+(``build_network``, ``build_criterion``, ``training_data``, ``perceive_loss``) driven by the scripts' step
+(``StepRunner.train_step``: bf16 autocast if asked, forward, ``QualityAwareLoss``, backward, gradient norm,
+``TrainingRun.update``: fused AdamW on CUDA, cosine learning rate). Network: the default Restormer (26.1 M) in
+``PerceiveAdapter``
 (DINOv2-B + CFE + PGM), all four losses, K = 4 proxy negatives read from a real ``RenderCache`` (files
 rendered beforehand, read back with each crop's box and flips by the training loader). Against it:
 
@@ -11,7 +12,7 @@ rendered beforehand, read back with each crop's box and flips by the training lo
   L1), DINOv2-B fwd at 224² (no grad), CLIP ViT-B/32 image fwd+bwd on the output, VGG-16 (to relu3_3)
   fwd+bwd on the output, one no-grad VGG pass on [ground truth; degraded; valid negatives].
   Target (a) / (b) <= 1.10;
-- (c) a bare Restormer + L1 step (``train_plain.py``'s ``l1_step`` in the same ``Trainer``), with the floor
+- (c) a bare Restormer + L1 step (``train_plain.py``'s loss, the same step around it), with the floor
   of (a) / (c) that operation counts allow (matmul + convolution FLOPs, ``torch.utils.flop_counter``);
 - (d) peak memory of (a) / (c) (CUDA only): what the run holds (weights of every network, AdamW state,
   the inputs) plus the peak a step allocates above that (``max_memory_allocated``). Target <= 1.30 at batch 8;
@@ -36,6 +37,7 @@ seeded random ``restormer-tiny`` models) are made on the spot.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -52,16 +54,16 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "examples")]  # train_plain.py imports `common` as a top-level package
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from examples import make_synthetic_layout, prepare_proxy_inputs  # noqa: E402
+from examples import train_restormer_perceive as script  # noqa: E402
 from examples.backbones import create_backbone  # noqa: E402
-from examples.common import Trainer, config_from_args, init_distributed, move_to  # noqa: E402
-from examples.common.perceive_recipe import (  # noqa: E402
-    PerceiveStep, build_criterion, build_net, build_parser, freeze_unused, net_spec, train_data,
+from examples.train_support import (  # noqa: E402
+    ResumableBatchSampler, TrainingRun, config_from_args, init_distributed, move_to, seeded_global_rng,
+    training_loader,
 )
-from examples.train_plain import l1_step  # noqa: E402
-from examples.train_restormer_perceive import RECIPE  # noqa: E402
+from perceive_components import freeze_unused_parameters  # noqa: E402
 from perceive_components.negatives import ProxyNegatives, RenderCache, items_from_manifest  # noqa: E402
 from perceive_components.ops.frozen import FrozenHolder  # noqa: E402
 from timing import round_ratio, timer  # noqa: E402  (benchmarks/timing.py)
@@ -98,13 +100,14 @@ def parse_args() -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------ set-up
-def prepare_data(work: Path, image_size: int, proxies: int, file_format: str, device: torch.device
-                 ) -> tuple[Path, Path]:
-    """A 3-task data root of ``image_size``² images and a render cache with ``proxies`` slots."""
+def prepare_data(work: Path, image_size: int, proxies: int, file_format: str, device: torch.device,
+                 crop_size: int) -> tuple[Path, Path]:
+    """A 3-task data root of ``image_size``² images and a render cache with ``proxies`` slots, its noisy inputs
+    made for ``crop_size`` crops (smaller images are resized to the crop before the noise)."""
     data, cache = work / "data", work / "cache"
     if not (data / "train").is_dir():
         make_synthetic_layout.make_layout(ROOT / "examples" / "data" / "demo_images", data, size=image_size)
-    prepare_proxy_inputs.prepare(data, cache / "inputs", noise_seed=0)
+    prepare_proxy_inputs.prepare(data, cache / "inputs", noise_seed=0, crop_size=crop_size)
     items = items_from_manifest(cache / "inputs" / "manifest.jsonl", cache / "inputs")
     store = RenderCache(cache, create=True, file_format=file_format)
     for k in range(proxies):
@@ -113,26 +116,62 @@ def prepare_data(work: Path, image_size: int, proxies: int, file_format: str, de
     return data, cache
 
 
-def build_trainers(args: argparse.Namespace, data: Path, cache: Path, run_dir: Path) -> tuple[Trainer, Trainer]:
-    """The recipe's trainer (as ``perceive_recipe.run`` builds it) and the bare Restormer + L1 one."""
+def l1_step(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """L1(R, G): the bare backbone's objective (``examples/train_plain.py``)."""
+    return F.l1_loss(model(batch["degraded"]).float(), batch["target"])
+
+
+class PerceiveStep:
+    """``step(net, batch) -> (loss, terms)``: the script's forward pass and loss (``perceive_loss``), one process."""
+
+    def __init__(self, criterion: nn.Module, env: Any) -> None:
+        self.criterion, self.env = criterion, env
+
+    def __call__(self, net: nn.Module, batch: dict[str, Any]):
+        return script.perceive_loss(net, net, self.criterion, batch, self.env, script.TERMS)
+
+
+class StepRunner:
+    """The scripts' optimisation step on one process (forward and loss in autocast, backward, gradient norm,
+    ``TrainingRun.update``), without the loop, checkpoints and validation around it: what is timed."""
+
+    def __init__(self, run: TrainingRun, loader: Any, step_fn: Callable, bf16: bool) -> None:
+        self.run, self.loader, self.step_fn, self.bf16 = run, loader, step_fn, bf16
+        self.model, self.optimizer = run.model, run.optimizer
+
+    def batches(self):
+        return self.run.batches(self.loader)
+
+    def train_step(self, batch: dict[str, Any]) -> None:
+        with torch.autocast(self.run.env.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            output = self.step_fn(self.model, batch)
+        loss, terms = (output, {}) if isinstance(output, torch.Tensor) else output
+        loss.backward()
+        self.run.update(loss, terms, torch.nn.utils.clip_grad_norm_(self.run.parameters, math.inf))
+
+
+def build_trainers(args: argparse.Namespace, data: Path, cache: Path, run_dir: Path) -> tuple[StepRunner, StepRunner]:
+    """The recipe's step (as ``train_restormer_perceive.main`` builds it) and the bare Restormer + L1 one."""
     argv = ["--data", str(data), "--frozen", "random", "--proxy-cache", str(cache), "--crop-size", str(args.size),
             "--batch-size", str(args.batch), "--workers", "0", "--device", args.device, "--out-dir", str(run_dir),
             "--bf16" if args.bf16 else "--no-bf16", "--no-val", "--no-tensorboard", "--no-plots"]
-    recipe_args = build_parser(RECIPE).parse_args(argv)
+    recipe_args = script.build_parser().parse_args(argv)
     config = config_from_args(recipe_args)
     env = init_distributed(config.device)
+    net = script.build_network({"format": script.NET_FORMAT, "backbone": "restormer", "adapter": True, "pgca": False,
+                                "frozen": "random", "seed": config.seed})
+    freeze_unused_parameters(net)
+    dataset, _, _ = script.training_data(recipe_args, env)
+    with seeded_global_rng(config.seed):
+        criterion = script.build_criterion(recipe_args).to(env.device)
+    sampler = ResumableBatchSampler(len(dataset), config.batch_size, seed=config.seed)
+    loader = training_loader(dataset, sampler, config, env)
+    perceive = StepRunner(TrainingRun(net, config, env, steps_per_epoch=sampler.steps_per_epoch), loader,
+                          PerceiveStep(criterion, env), config.bf16)
     torch.manual_seed(config.seed)
-    net = build_net(net_spec(recipe_args))
-    freeze_unused(net)
-    dataset, _ = train_data(recipe_args)
-    criterion = build_criterion(recipe_args).to(env.device)
-    step = PerceiveStep(criterion, None, out_dir=config.out_dir, batch_size=config.batch_size, bf16=config.bf16)
-    perceive = Trainer(net, dataset, step, config)
-    step.trainer = perceive
-    torch.manual_seed(config.seed)
-    plain = Trainer(create_backbone("restormer"), dataset, l1_step, config)
-    for trainer in (perceive, plain):  # what Trainer.fit does before its loop, for one process (no logs/checkpoints)
-        trainer.setup(env)
+    plain_config = dataclasses.replace(config, out_dir=str(run_dir / "plain"))
+    plain = StepRunner(TrainingRun(create_backbone("restormer"), plain_config, env,
+                                   steps_per_epoch=sampler.steps_per_epoch), loader, l1_step, config.bf16)
     return perceive, plain
 
 
@@ -225,7 +264,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-step-") as tmp:
         work = args.work or Path(tmp)
         setup_start = time.perf_counter()
-        data, cache = prepare_data(work, args.size + 64, args.proxies, args.cache_format, device)
+        data, cache = prepare_data(work, args.size + 64, args.proxies, args.cache_format, device, args.size)
         perceive, plain = build_trainers(args, data, cache, work / "run")
         torch.manual_seed(1)
         names = [name.strip() for name in args.online_proxies.split(",") if name.strip()]
@@ -237,7 +276,7 @@ def main() -> None:
     print(f"\n(whole run: {time.perf_counter() - setup_start:.0f} s)")
 
 
-def run_cases(args: argparse.Namespace, perceive: Trainer, plain: Trainer, proxies: ProxyNegatives,
+def run_cases(args: argparse.Namespace, perceive: StepRunner, plain: StepRunner, proxies: ProxyNegatives,
               device: torch.device, timed: Callable[[Callable[[], object]], float], repeats: int, warmup: int
               ) -> dict[str, Any]:
     on_gpu = device.type == "cuda"

@@ -47,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent)] + ([str(HERE)] if str(HERE) not in sys.path else [])  # checkout, no install
 
 from perceive_components import QualityPerceiver  # noqa: E402
-from perceive_components.data.degradations import add_gaussian_noise, add_haze, add_rain  # noqa: E402
+from perceive_components.data import add_gaussian_noise, add_haze, add_rain  # noqa: E402
 from perceive_components.ops.io import list_images, read_image, write_image  # noqa: E402
 from perceive_components.stage1 import (  # noqa: E402
     MediumSettings, PromptSettings, TripletImages, audit_perceiver, run_stage1,
@@ -55,7 +55,7 @@ from perceive_components.stage1 import (  # noqa: E402
 from perceive_components.tiny import TINY_CLIP_NAME  # noqa: E402
 
 from demo_report import write_report  # noqa: E402
-from examples.common.perceive_recipe import is_self_guided  # noqa: E402
+from examples.train_restormer_perceive import is_self_guided  # noqa: E402
 from demo_stage2 import RECIPES, Stage2Settings, run_stage2  # noqa: E402
 
 IMAGES = HERE / "data" / "demo_images"

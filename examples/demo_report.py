@@ -17,14 +17,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from examples.common.logs import read_rows
 import torch
 
 from examples.evaluate import format_cell
+from examples.train_support import read_rows
 from perceive_components.ops.io import list_images, read_image
 from perceive_components.ops.metrics import psnr
 from perceive_components.stage1 import audit_table, gates_table
-from perceive_components.stage1.report import markdown_table
 
 from demo_stage2 import RUNS
 
@@ -123,6 +122,12 @@ def loss_curves(runs: Mapping[str, str], path: Path) -> Path:
 
 
 # -------------------------------------------------------------------------------------------- tables
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def metrics_table(summaries: Mapping[str, Mapping[str, Sequence[float]]]) -> str:
     """Rows: each summary (``evaluate.summarise``); then Δ PSNR of Perceive-IR over bare per column."""
     columns = list(next(iter(summaries.values())))
@@ -130,12 +135,12 @@ def metrics_table(summaries: Mapping[str, Mapping[str, Sequence[float]]]) -> str
     bare, ours = summaries.get("bare (L1)"), summaries.get("Perceive-IR")
     if bare and ours:
         rows.append(("Δ PSNR (Perceive-IR − bare)", *(f"{ours[c][0] - bare[c][0]:+.2f} dB" for c in columns)))
-    return markdown_table(["PSNR / SSIM", *columns], rows)
+    return _table(["PSNR / SSIM", *columns], rows)
 
 
 def parts_table(parts: Sequence[Mapping[str, Any]]) -> str:
     """The Perceive-IR run's modules and terms: ran or not, and why."""
-    return markdown_table(["Perceive-IR part", "ran", "why"],
+    return _table(["Perceive-IR part", "ran", "why"],
                           [(part["name"], "yes" if part["ran"] else "**no**", part["why"]) for part in parts])
 
 
@@ -281,7 +286,7 @@ def write_report(out: Path, *, recipe: str, weights: str, pretrained: Mapping[st
         "",
         f"## Stage 2: {settings['backbone']}, bare vs Perceive-IR",
         "",
-        markdown_table(["", "bare (L1)", "Perceive-IR"], [
+        _table(["", "bare (L1)", "Perceive-IR"], [
             ("network", f"{settings['backbone']}", f"{settings['backbone']} in `PerceiveAdapter` ({modules})"),
             ("weights saved", f"{stage2['parameters']['bare']:,}", f"{stage2['parameters']['perceive-ir']:,}"),
             ("loss", "L1", loss),

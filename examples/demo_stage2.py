@@ -11,10 +11,11 @@ Everything runs through the example scripts' own functions, in this process:
    ``prepare_proxy_inputs.prepare`` writes every training input (noise fixed by a seed) and its manifest; each
    stage-1 fold model renders the inputs of the fold it never trained on into the slot ``stage1`` of a render
    cache: K = 1 proxy negative per crop.
-3. **Perceive-IR** (``perceive_recipe.run``): the backbone in ``PerceiveAdapter``. ``recipe="offline"``: CFE and
-   PGMs, L1 + λ1·L_cl (the parts that learn without pretrained networks); ``"full"``: also SGM and
-   λ2·L_clip + λ3·L_dpl with the stage-1 perceiver (loaded back from its saved folder), DINOv2 and VGG
-   (``frozen``: ``"tiny"`` random networks or ``"pretrained"``). ``recipe_parts`` says what ran and why.
+3. **Perceive-IR** (``train_restormer_perceive.main``): the backbone in ``PerceiveAdapter``. ``recipe="offline"``:
+   CFE and PGMs with L1 + λ1·L_cl (``--no-sgm --clip-weight 0 --dpl-weight 0 --no-proxies``: the parts that learn
+   without pretrained networks); ``"full"``: also SGM and λ2·L_clip + λ3·L_dpl with the stage-1 perceiver (loaded
+   back from its saved folder), DINOv2 and VGG (``frozen``: ``"tiny"`` random networks or ``"pretrained"``).
+   ``recipe_parts`` says what ran and why.
 4. **Baseline** (``train_plain.main``): the same backbone, bare, L1; same steps, batch, crop, learning rate
    and seed, so both start from the same backbone weights (the adapter starts as the bare backbone).
 5. **Evaluation** (``evaluate.main``; ``--run`` for the Perceive-IR run): whole images, fp32, PSNR/SSIM on
@@ -32,14 +33,10 @@ from typing import Callable
 from safetensors.torch import load_file
 from torch import nn
 
-import train_plain  # examples/train_plain.py (examples/ is on sys.path: this module is imported from there)
-from examples import evaluate
-from examples.common.perceive_recipe import Recipe, run
-from examples.common.stage2_data import INPUTS_FOLDER
-from examples.prepare_proxy_inputs import prepare
+from examples import evaluate, train_plain, train_restormer_perceive
+from examples.prepare_proxy_inputs import INPUTS_FOLDER, prepare
 from perceive_components import QualityPerceiver
-from perceive_components.data.layouts import LAYOUTS, NOISE_SIGMAS, PairedTestSet
-from perceive_components.data.pairing import TASK_FOLDERS, find_pairs
+from perceive_components.data import LAYOUTS, NOISE_SIGMAS, TASK_FOLDERS, PairedTestSet, find_pairs
 from perceive_components.negatives import RenderCache, items_from_manifest
 from perceive_components.ops.io import list_images, write_image
 from perceive_components.stage1 import read_jsonl, write_jsonl
@@ -155,9 +152,9 @@ def train(settings: Stage2Settings, root: Path, cache_dir: Path | None, runs: Pa
     seconds = {}
     started = time.perf_counter()
     terms = (["--proxy-cache", str(cache_dir)] if settings.recipe == "full" else
-             ["--clip-weight", "0", "--dpl-weight", "0", "--no-proxies"])
-    run(Recipe(settings.backbone, "demo"), shared + ["--frozen", settings.frozen, *terms, "--no-bf16", "--out-dir",
-                                                     str(runs / "perceive-ir")], perceiver=perceiver)
+             ["--no-sgm", "--clip-weight", "0", "--dpl-weight", "0", "--no-proxies"])
+    train_restormer_perceive.main(shared + ["--frozen", settings.frozen, *terms, "--no-bf16", "--out-dir",
+                                            str(runs / "perceive-ir")], perceiver=perceiver)
     seconds["perceive-ir"] = time.perf_counter() - started
     started = time.perf_counter()
     train_plain.main(shared + ["--out-dir", str(runs / "bare")])

@@ -24,7 +24,7 @@ Examples::
     python examples/evaluate.py --backbone perceive-ir-net --checkpoint weight/perceiveIR_3task.pth \
         --data-root data/test --protocol 3task   # the authors' network (docs/authors-weights.md)
 
-``--run`` evaluates a network trained by a stage-2 script (``examples/train_*perceive*.py``): the backbone
+``--run`` evaluates a network trained by ``examples/train_restormer_perceive.py`` (any ``--backbone``): the backbone
 wrapped in ``PerceiveAdapter`` or the paper's network, rebuilt from the run's ``net.json`` with its frozen
 DINOv2, and loaded with the run's final weights (``--weights``: EMA when the run kept one) or a training
 checkpoint (``--checkpoint <run>/checkpoints/latest``). Tiled, such a network gets its guidance (DINOv2
@@ -147,6 +147,11 @@ def _repeat_batch(value: Any, count: int) -> Any:
     return [_repeat_batch(item, count) for item in value]
 
 
+def whole_image_guidance(net: nn.Module, images: torch.Tensor) -> dict[str, Any]:
+    """``{"guidance": net.guide(images)}`` of whole images, passed with each of their tiles to ``net``."""
+    return {"guidance": net.guide(images)}
+
+
 def restore_image(model: Callable[..., torch.Tensor], degraded: torch.Tensor, *, multiple: int = 8,
                   device: torch.device | str = "cpu", tile: int | None = None, overlap: int = 32,
                   tile_batch: int = 1, pad_mode: str = "replicate",
@@ -265,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     network = parser.add_mutually_exclusive_group(required=True)
     network.add_argument("--backbone", help="registry name, e.g. restormer, nafnet, promptir")
-    network.add_argument("--run", help="a stage-2 run folder (net.json, model.safetensors) of train_*perceive*.py")
+    network.add_argument("--run", help="a run folder (net.json, model.safetensors) of train_restormer_perceive.py")
     parser.add_argument("--checkpoint", help="--backbone: official (BasicSR / Lightning / authors') or our weights; "
                         "omit for random weights. --run: a training checkpoint (step_*.pt or checkpoints/latest) "
                         "instead of the run's final weights")
@@ -306,12 +311,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, tuple[float, float, int
     sets = discover_sets(args.data_root, specs)
     guidance = None
     if args.run:
-        from examples.common.perceive_recipe import backbone_of, build_run_net, whole_image_guidance
+        from examples.train_restormer_perceive import build_run_net
+        from perceive_components import PerceiveAdapter
 
         if args.override or args.param_key:
             raise ValueError("--override and --param-key apply to --backbone; a --run is rebuilt from its net.json")
         model = build_run_net(args.run, args.weights, args.checkpoint)
-        size_factor = backbone_of(model).size_factor
+        size_factor = (model.backbone if isinstance(model, PerceiveAdapter) else model).size_factor
         guidance = partial(whole_image_guidance, model)
     else:
         model = create_backbone(args.backbone, **dict(args.override))

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable

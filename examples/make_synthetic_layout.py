@@ -5,7 +5,7 @@
 For machines without the real data sets (CPU smoke runs, GPU timing): each clean image is resized to
 ``--size``² (bicubic) and written as ``train|test/noise/clean/<name>.png`` (noise is synthesised by the
 training set), ``haze/{hazy,clean}/<name>.png`` and ``rain/{rainy,clean}/<name>.png`` with the synthetic
-haze and rain of ``perceive_components.data.degradations`` (``--layout 5task`` adds Gaussian blur and
+haze and rain of ``perceive_components.data.degrade`` (``--layout 5task`` adds Gaussian blur and
 darkening as ``blur/{blurry,sharp}`` and ``lowlight/{low,high}``). The last ``--test`` images go to
 ``test/``, the others to ``train/``. Severities are drawn per image from ``--seed``. Numbers trained on it
 say nothing about the paper's benchmarks.
@@ -23,9 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from perceive_components.data.degradations import degrade  # noqa: E402
-from perceive_components.data.layouts import LAYOUTS  # noqa: E402
-from perceive_components.data.pairing import TASK_FOLDERS  # noqa: E402
+from perceive_components.data import LAYOUTS, TASK_FOLDERS, degrade  # noqa: E402
 from perceive_components.ops.io import list_images, read_image, write_image  # noqa: E402
 
 SEVERITY = (0.4, 0.8)  # uniform range of degrade()'s severity per image

@@ -38,13 +38,34 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from tqdm.auto import tqdm  # noqa: E402
 
-from examples.common.stage2_data import INPUTS_FOLDER, NOISE_PREFIX, cache_key, task_of_key  # noqa: E402
-from perceive_components.data.layouts import LAYOUTS, NOISE_SIGMAS, AllInOneTrainSet  # noqa: E402
+from perceive_components.data import LAYOUTS, NOISE_SIGMAS, AllInOneTrainSet  # noqa: E402
 from perceive_components.ops.checkpoint import atomic_write  # noqa: E402
 from perceive_components.ops.io import write_image  # noqa: E402
 from perceive_components.stage1 import fold_of, read_jsonl, write_jsonl  # noqa: E402
 
 log = logging.getLogger("prepare_proxy_inputs")
+
+NOISE_PREFIX = "noise/sigma"
+INPUTS_FOLDER = "inputs"  # <cache>/inputs/: the inputs, manifest.jsonl and settings.json written here
+
+
+def cache_key(path: str) -> str:
+    """Render-cache key of a training item's ``path``: itself, or a PNG name for synthesised noise
+    (``noise/sigma25/x.png`` stays, ``noise/sigma25/x.jpg`` becomes ``noise/sigma25/x.jpg.png``)."""
+    if path.startswith(NOISE_PREFIX) and not path.lower().endswith(".png"):
+        return f"{path}.png"
+    return path
+
+
+def task_of_key(path: str) -> str:
+    """``'haze/hazy/0001_0.8_0.2.jpg'`` → ``'haze'`` (every key starts with its task folder)."""
+    return path.partition("/")[0]
+
+
+def recorded_noise_seed(cache: str | os.PathLike) -> int | None:
+    """The noise seed a cache's inputs were written with (``<cache>/inputs/settings.json``), if recorded."""
+    path = Path(cache) / INPUTS_FOLDER / "settings.json"
+    return json.loads(path.read_text(encoding="utf-8")).get("noise_seed") if path.is_file() else None
 
 
 def file_digest(path: Path) -> str:

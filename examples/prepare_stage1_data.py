@@ -58,7 +58,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from perceive_components.data.degradations import add_gaussian_noise  # noqa: E402
+from perceive_components.data import add_gaussian_noise  # noqa: E402
 from perceive_components.ops.io import list_images, read_image, write_image  # noqa: E402
 from perceive_components.stage1 import scan_pairs  # noqa: E402
 

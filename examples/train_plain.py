@@ -1,26 +1,33 @@
-"""Train a bare backbone with L1 on the standard all-in-one data, with the shared loop (docs/training.md).
-
-The baseline the Perceive-IR recipes are compared with, and the smallest example of the loop:
+"""Train a bare backbone with L1 on the standard all-in-one data: the baseline the Perceive-IR runs are compared
+with, and the smallest loop on ``train_support`` (docs/training.md).
 
     python examples/train_plain.py --data data/allinone --layout 3task --backbone tiny --steps 2000
     torchrun --nproc_per_node 4 examples/train_plain.py --data data/allinone --backbone restormer --bf16
 
-``--backbone tiny`` is a built-in 3 K-parameter residual CNN (CPU smoke runs); any other name is looked
-up in the example backbone registry (``examples/backbones``: ``create_backbone(name)``).
+``--backbone tiny`` is a built-in 3 K-parameter residual CNN (CPU smoke runs); any other name is looked up in the
+example backbone registry (``examples/backbones``: ``create_backbone(name)``).
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
+import math
+import sys
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import Trainer, add_train_args, config_from_args, parse_repeats
-from perceive_components.data.layouts import LAYOUTS, AllInOneTrainSet, standard_test_sets
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from examples.train_support import (  # noqa: E402
+    ResumableBatchSampler, TrainingRun, add_train_args, config_from_args, distributed_job, move_to, parse_repeats,
+    training_loader,
+)
+from perceive_components.data import LAYOUTS, AllInOneTrainSet, standard_test_sets  # noqa: E402
 
 
 class TinyRestorer(nn.Module):
@@ -38,14 +45,9 @@ class TinyRestorer(nn.Module):
 def build_backbone(name: str) -> nn.Module:
     if name == "tiny":
         return TinyRestorer()
-    from backbones import create_backbone  # examples/backbones registry
+    from examples.backbones import create_backbone
 
     return create_backbone(name)
-
-
-def l1_step(model: nn.Module, batch: dict) -> torch.Tensor:
-    """L1(R, G) on one batch: the bare-backbone objective."""
-    return F.l1_loss(model(batch["degraded"]).float(), batch["target"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,22 +62,38 @@ def build_parser() -> argparse.ArgumentParser:
     return add_train_args(parser)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = build_parser().parse_args(argv)
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
-    torch.manual_seed(config.seed)  # the same initial weights on every process
-    model = build_backbone(args.backbone)
-    train_set = AllInOneTrainSet(args.data, args.layout, crop_size=args.crop_size, repeats=parse_repeats(args.repeat),
-                                 positive=False)
-    validate = (Path(args.data) / "test").is_dir() if args.val is None else args.val
-    val_sets = standard_test_sets(args.data, args.layout) if validate else None
-    if main_process:
+    with distributed_job(config) as env:  # torchrun's process group (or one process), logs, train.log
+        torch.manual_seed(config.seed)  # the same initial weights in every process
+        model = build_backbone(args.backbone)
+        train_set = AllInOneTrainSet(args.data, args.layout, crop_size=args.crop_size,
+                                     repeats=parse_repeats(args.repeat), positive=False)
+        validate = (Path(args.data) / "test").is_dir() if args.val is None else args.val
+        val_sets = standard_test_sets(args.data, args.layout) if validate else {}
+        sampler = ResumableBatchSampler(len(train_set), config.batch_size, rank=env.rank, world_size=env.world_size,
+                                        seed=config.seed)
+        loader = training_loader(train_set, sampler, config, env)
         logging.info("%s: %d trainable parameters; training items per epoch %s", args.backbone,
-                     sum(p.numel() for p in model.parameters() if p.requires_grad), train_set.counts())
-    return Trainer(model, train_set, l1_step, config, val_sets=val_sets).fit()
+                     sum(p.numel() for p in model.parameters()), train_set.counts())
+        with TrainingRun(model, config, env, steps_per_epoch=sampler.steps_per_epoch,
+                         data_record={"items": len(train_set), "batch": config.batch_size, "seed": config.seed}) as run:
+            device_ids = [env.device.index] if env.device.type == "cuda" else None
+            ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids) if env.distributed else model
+            batches = run.batches(loader)
+            while run.step < config.steps:
+                batch = move_to(next(batches), env.device)
+                with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    loss = F.l1_loss(ddp(batch["degraded"]).float(), batch["target"])
+                loss.backward()
+                run.update(loss, {}, torch.nn.utils.clip_grad_norm_(run.parameters, config.grad_clip or math.inf))
+                if run.due(config.ckpt_every):
+                    run.save()
+                if run.due(config.val_every):
+                    run.validate(val_sets)
+            run.export_weights()
+        return run.metrics
 
 
 if __name__ == "__main__":

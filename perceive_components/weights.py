@@ -55,7 +55,7 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
         try:
             return load_file(path)
         except Exception as error:  # safetensors raises its own error types for damaged files
-            raise WeightsError(f"cannot read {str(path)!r} as safetensors: {error}") from error
+            raise WeightsError(f"cannot read {str(path)!r}: truncated or not a safetensors file ({error})") from error
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -64,9 +64,11 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
             raise WeightsError(f"{str(path)!r} holds a Python object ({refused.group(1)}) that torch.load("
                                "weights_only=True) refuses to unpickle, and arbitrary objects are never unpickled "
                                "here; re-save its tensors as a plain state dict in an environment you trust") from error
-        raise WeightsError(f"cannot read {str(path)!r}: damaged, or not a PyTorch checkpoint") from error
+        raise WeightsError(f"cannot read {str(path)!r}: truncated or not a PyTorch checkpoint (the unpickler met "
+                           "invalid data)") from error
     except Exception as error:  # a damaged file can fail anywhere inside the unpickler
-        raise WeightsError(f"cannot read {str(path)!r}: {type(error).__name__}: {error}") from error
+        raise WeightsError(f"cannot read {str(path)!r}: truncated or not a PyTorch checkpoint "
+                           f"({type(error).__name__}: {error})") from error
     if not isinstance(checkpoint, Mapping):
         raise WeightsError(f"{str(path)!r} holds a {type(checkpoint).__name__}, expected a dict")
     return checkpoint

@@ -188,9 +188,9 @@ def test_report_md_has_the_tables_the_warning_and_working_image_links(demo_run):
 
 
 def test_the_recipe_takes_a_built_perceiver_in_process(tiny_perceiver):
-    from examples.common.perceive_recipe import Recipe, build_criterion, build_parser
+    from examples.train_restormer_perceive import build_criterion, build_parser
 
-    args = build_parser(Recipe("restormer-tiny", "test")).parse_args(["--data", "unused", "--frozen", "tiny"])
+    args = build_parser().parse_args(["--data", "unused", "--frozen", "tiny"])
     criterion = build_criterion(args, tiny_perceiver)
     assert criterion.clip_loss.perceiver is tiny_perceiver
     assert not any(p.requires_grad for p in tiny_perceiver.parameters())  # frozen by the loss

@@ -5,7 +5,6 @@ loss and the gradients of one process on the whole batch (L1 + 0.1·L_cl with al
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from ddp_helpers import free_port
 from perceive_components import PerceiveAdapter, QualityAwareLoss
 from perceive_components.tiny import tiny_sgm
 from test_adapter import ConcatUNet
@@ -64,15 +64,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @pytest.mark.distributed
 def test_two_process_ddp_with_explicit_guidance_equals_one_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     single_loss, single_grads = _single_process()
     losses = []
     for rank in range(WORLD):

@@ -1,6 +1,6 @@
-"""Stage-2 recipe (examples/common/perceive_recipe.py, the four train_*perceive*.py scripts, prepare_proxy_inputs.py,
-evaluate.py --run): tiny CPU runs of every script, a 2-process gloo run, resume, proxy negatives from a render
-cache rendered with the documented CLI, and the errors for bad caches, layouts and checkpoints."""
+"""Stage 2 (examples/train_restormer_perceive.py with each backbone, prepare_proxy_inputs.py, evaluate.py --run):
+tiny CPU runs, 2-process gloo runs, resume, proxy negatives from a render cache rendered with the documented CLI,
+the checks before step 1 (image scan, cache verification) and the errors for bad caches, layouts and checkpoints."""
 from __future__ import annotations
 
 import argparse
@@ -20,21 +20,21 @@ from safetensors.torch import load_file, save_file
 from data_factory import make_layout
 from examples import evaluate as ev
 from examples import prepare_proxy_inputs
-from examples import train_nafnet_perceive, train_perceive_ir_net, train_promptir_perceive, train_restormer_perceive
-from examples.backbones import CheckpointError, create_backbone, save_official_checkpoint
-from examples.common import perceive_recipe as recipe
-from examples.common.stage2_data import CachedNegatives, open_proxy_cache
-from perceive_components.data.layouts import AllInOneTrainSet
+from examples import train_restormer_perceive as script
+from examples.backbones import create_backbone, save_official_checkpoint
+from examples.train_support import DistEnv
+from perceive_components.data import AllInOneTrainSet, ImageScanError
 from perceive_components.negatives.cli import register as register_cache_cli
 from perceive_components.ops.io import read_image, write_image
 from perceive_components.ops.tiling import tiled_apply
 from perceive_components.stage1 import write_jsonl
+from perceive_components.weights import WeightsError
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"restormer": train_restormer_perceive, "nafnet": train_nafnet_perceive,
-           "promptir": train_promptir_perceive, "perceive-ir-net": train_perceive_ir_net}
+BACKBONES = ("restormer", "nafnet", "promptir", "perceive-ir-net")
 NOISE_SEED = 5
 REPEATS = ["--repeat", "noise=1", "haze=2", "rain=2"]  # 4 + 4 + 4 items: 3 steps per epoch at batch 4
+ONE_PROCESS = DistEnv(0, 1, 0, torch.device("cpu"))
 
 
 def render(*args: str) -> None:
@@ -47,7 +47,7 @@ def render(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """3-task layout of 40×36 images, plus a 24×28 noise image (smaller than the 32² crop: padded)."""
+    """3-task layout of 40×36 images, plus a 24×28 noise image (smaller than the 32² crop: resized)."""
     root = make_layout(tmp_path_factory.mktemp("aio"), size=(40, 36))
     write_image(root / "train" / "noise" / "clean" / "small.png", torch.rand(3, 24, 28))
     return root
@@ -55,7 +55,7 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory, data) -> dict:
-    """A stage-1 output as stage1_recipe.py leaves it: its own data layout (other file names, same bytes) with
+    """A stage-1 output as `perceive-ir stage1 run` leaves it: its own data layout (other file names, same bytes) with
     pairs.jsonl folds, and two fold models. img0 is not in it (stage 1 never saw it)."""
     root = tmp_path_factory.mktemp("stage1")
     sources = ["noise/clean/img1.png", "noise/clean/img2.png", "noise/clean/small.png", "haze/clean/0001.png",
@@ -83,7 +83,8 @@ def cache(tmp_path_factory, data, stage1) -> Path:
     'stage1', a haze-only user restorer in slot 'extra', and an identity 'proxy' (checks the alignment)."""
     root = tmp_path_factory.mktemp("cache")
     prepare_proxy_inputs.main(["--data", str(data), "--cache", str(root), "--noise-seed", str(NOISE_SEED),
-                               "--crop-size", "32", "--stage1-dir", str(stage1["dir"]), "--stage1-data", str(stage1["data"])])
+                               "--crop-size", "32", "--stage1-dir", str(stage1["dir"]),
+                               "--stage1-data", str(stage1["data"])])
     inputs = ["--input-root", str(root / "inputs"), "--manifest", str(root / "inputs" / "manifest.jsonl")]
     for fold in (0, 1):
         render("--cache", str(root), "--slot", "stage1", "--model", "examples.backbones:create_backbone",
@@ -95,15 +96,27 @@ def cache(tmp_path_factory, data, stage1) -> Path:
     return root
 
 
-def args_for(data: Path, cache: Path, out: Path, *extra: str, steps: int = 2) -> list[str]:
-    return ["--data", str(data), "--tiny", "--proxy-cache", str(cache), "--steps", str(steps), "--batch-size", "4",
-            "--crop-size", "32", "--workers", "0", "--device", "cpu", "--no-bf16", "--out-dir", str(out),
-            "--log-every", "1", "--no-tensorboard", "--no-plots", "--no-val", *REPEATS, *extra]
+def args_for(data: Path, cache: Path | None, out: Path, *extra: str, steps: int = 2) -> list[str]:
+    proxies = ["--proxy-cache", str(cache)] if cache else ["--no-proxies"]
+    return ["--data", str(data), "--tiny", *proxies, "--steps", str(steps), "--batch-size", "4", "--crop-size", "32",
+            "--workers", "0", "--device", "cpu", "--no-bf16", "--out-dir", str(out), "--log-every", "1",
+            "--no-tensorboard", "--no-plots", "--no-val", *REPEATS, *extra]
 
 
 def read_log(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    return env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
+
+
+def torchrun(script_path: Path, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script_path), *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -130,11 +143,11 @@ def test_proxy_inputs_take_the_stage1_fold_of_the_same_image(data, stage1, cache
         assert (rendered - expected[0].clamp(0, 1)).abs().max() <= 0.5 / 255 + 1e-6
 
 
-def test_cached_negatives_are_aligned_with_every_crop_and_padded_like_it(data, cache):
+def test_cached_negatives_are_aligned_with_every_crop_and_resized_like_it(data, cache):
     train_set = AllInOneTrainSet(data, crop_size=32, noise_seed=NOISE_SEED, repeats={"noise": 1, "haze": 2, "rain": 2})
-    dataset = CachedNegatives(train_set, *open_proxy_cache(cache, train_set))
-    slots = dataset.slots
-    assert slots == ["extra", "identity", "stage1"]
+    args = script.build_parser().parse_args(["--data", str(data), "--proxy-cache", str(cache)])
+    dataset = script.open_proxy_cache(args, train_set, ONE_PROCESS)
+    assert dataset.slots == ["extra", "identity", "stage1"]
     small = [i for i in range(len(train_set)) if train_set.locate(i).clean.name == "small.png"]
     for index in [*range(len(train_set)), *small]:
         item = dataset.sample(index, torch.Generator().manual_seed(index))
@@ -147,11 +160,11 @@ def test_cached_negatives_are_aligned_with_every_crop_and_padded_like_it(data, c
         assert haze or not item["negatives"][0].any()
 
 
-# ---------------------------------------------------------------------------------------------- the scripts
-@pytest.mark.parametrize("name", list(SCRIPTS))
-def test_each_script_trains_every_trainable_part_on_cpu(name, data, cache, tmp_path):
+# ---------------------------------------------------------------------------------------------- the script
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_each_backbone_trains_every_trainable_part_on_cpu(backbone, data, cache, tmp_path):
     out = tmp_path / "run"
-    SCRIPTS[name].main(args_for(data, cache, out))
+    script.main(args_for(data, cache, out, "--backbone", backbone))
     rows = read_log(out / "train_log.csv")
     assert [r["step"] for r in rows] == ["1", "2"] and all(r["skipped"] == "0" for r in rows)
     for column in ("loss", "l1", "contrastive", "clip", "perceptual", "grad_norm"):
@@ -162,28 +175,24 @@ def test_each_script_trains_every_trainable_part_on_cpu(name, data, cache, tmp_p
         total = terms["l1"] + 0.1 * terms["contrastive"] + 0.05 * terms["clip"] + 0.1 * terms["perceptual"]
         assert float(r["loss"]) == pytest.approx(total, rel=1e-5), r
     spec = json.loads((out / "net.json").read_text())
-    assert spec == {"format": recipe.NET_FORMAT, "backbone": f"{name}-tiny", "adapter": name != "perceive-ir-net",
-                    "pgca": False, "frozen": "tiny"}
+    assert spec == {"format": script.NET_FORMAT, "backbone": f"{backbone}-tiny",
+                    "adapter": backbone != "perceive-ir-net", "pgca": False, "frozen": "tiny", "seed": 0}
     # every trainable parameter moved (it got a gradient: DDP needs no find_unused_parameters); the PromptIR
     # convolutions its forward never calls were frozen and did not
-    torch.manual_seed(0)  # the run's seed: the same initial weights
-    net = recipe.build_net(spec)
-    initial, trained = net.state_dict(), load_file(str(out / "model.safetensors"))
+    initial, trained = script.build_network(spec).state_dict(), load_file(str(out / "model.safetensors"))
     assert trained.keys() == initial.keys()
-    unused = recipe.UNUSED_PARAMETERS.get(type(recipe.backbone_of(net)), ())
+    unused = ("backbone.chnl_reduce", "backbone.reduce_noise_channel_") if backbone == "promptir" else ()
     for key, value in trained.items():
-        prefix = "backbone." if spec["adapter"] else ""
-        if unused and key.removeprefix(prefix).startswith(unused):
+        if unused and key.startswith(unused):
             assert torch.equal(value, initial[key]), key
         elif value.is_floating_point():
             assert not torch.equal(value, initial[key]), f"{key} was not trained"
-    assert (name == "promptir") == bool(unused)
+    assert not unused or any(key.startswith(unused) for key in trained)
 
 
 def test_pgca_bf16_and_probe_difficulty_run(data, cache, tmp_path):
     out = tmp_path / "run"
-    train_restormer_perceive.main(args_for(data, cache, out, "--pgca", "--bf16", "--difficulty", "probe",
-                                           "--probe-crops", "2", steps=1))
+    script.main(args_for(data, cache, out, "--pgca", "--bf16", "--difficulty", "probe", "--probe-crops", "2", steps=1))
     row = read_log(out / "train_log.csv")[0]
     assert math.isfinite(float(row["loss"])) and 0 < float(row["probe_psnr"]) < 100
     assert json.loads((out / "probe_psnr.json").read_text()) == {"0": pytest.approx(float(row["probe_psnr"]))}
@@ -195,21 +204,22 @@ def test_resume_after_a_stop_repeats_the_uninterrupted_losses(data, cache, tmp_p
     the uninterrupted run's, with EMA and the probe difficulty (its epoch-1 value comes back from the record)."""
     extra = ("--ckpt-every", "2", "--ema-decay", "0.9", "--difficulty", "probe", "--probe-crops", "2", "--val")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    train_restormer_perceive.main(args_for(data, cache, full, *extra, steps=6))
+    script.main(args_for(data, cache, full, *extra, steps=6))
 
-    real_call = recipe.PerceiveStep.__call__
+    real_loss, calls = script.perceive_loss, []
 
-    def stop_at_step_5(self, net, batch):
-        if self.trainer.step == 5:
+    def stop_at_step_6(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
             raise KeyboardInterrupt("stopped by the test")
-        return real_call(self, net, batch)
+        return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(recipe.PerceiveStep, "__call__", stop_at_step_5)
+    monkeypatch.setattr(script, "perceive_loss", stop_at_step_6)
     with pytest.raises(KeyboardInterrupt):
-        train_restormer_perceive.main(args_for(data, cache, resumed, *extra, steps=6))
-    monkeypatch.setattr(recipe.PerceiveStep, "__call__", real_call)
+        script.main(args_for(data, cache, resumed, *extra, steps=6))
+    monkeypatch.setattr(script, "perceive_loss", real_loss)
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000004.pt"
-    train_restormer_perceive.main(args_for(data, cache, resumed, *extra, steps=6))
+    script.main(args_for(data, cache, resumed, *extra, steps=6))
     full_rows, resumed_rows = read_log(full / "train_log.csv"), read_log(resumed / "train_log.csv")
     for row in full_rows + resumed_rows:
         del row["sec_per_step"]  # wall time
@@ -227,12 +237,9 @@ def test_two_gloo_processes_match_one_process(data, cache, tmp_path):
     """torchrun with 2 CPU processes (global batch 4 = 2 + 2) logs the losses of the 1-process run: DDP over the
     adapter-wrapped PromptIR (unused convolutions frozen, no find_unused_parameters), all-rank L_cl negatives."""
     single, double = tmp_path / "one", tmp_path / "two"
-    train_promptir_perceive.main(args_for(data, cache, single, steps=3))
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "examples" / "train_promptir_perceive.py"), *args_for(data, cache, double, steps=3)]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    script.main(args_for(data, cache, single, "--backbone", "promptir", steps=3))
+    result = torchrun(ROOT / "examples" / "train_restormer_perceive.py",
+                      args_for(data, cache, double, "--backbone", "promptir", steps=3), child_env())
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = read_log(single / "train_log.csv"), read_log(double / "train_log.csv")
     assert len(one) == len(two) == 3
@@ -241,10 +248,37 @@ def test_two_gloo_processes_match_one_process(data, cache, tmp_path):
             assert float(b[column]) == pytest.approx(float(a[column]), rel=2e-4, abs=1e-6), column
 
 
+@pytest.mark.distributed
+def test_a_nan_output_on_one_process_is_skipped_by_both_without_a_hang(data, cache, tmp_path):
+    """Rank 1's output is NaN at step 2 while rank 0's is finite: both ranks decide together to skip the loss (rank
+    0 would otherwise wait in L_cl's all_gather forever), both skip the update, the run finishes in sync."""
+    out = tmp_path / "run"
+    env = child_env(CHILD_SCRIPT="perceive", NAN_ON_RANK="1", NAN_AT_STEP="2", WEIGHTS_SUM_FILE=str(tmp_path / "sum"))
+    result = torchrun(Path(__file__).with_name("train_child.py"), args_for(data, cache, out, steps=3), env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["skipped"] for r in read_log(out / "train_log.csv")] == ["0", "1", "0"]
+    assert "rank 0: step 2 skipped" in result.stderr and "rank 1: step 2 skipped" in result.stderr
+    assert "step 1 skipped" not in result.stderr and "step 3 skipped" not in result.stderr
+    assert (tmp_path / "sum.0").read_text() == (tmp_path / "sum.1").read_text()  # the same weights on both ranks
+
+
+def test_the_one_task_warning_reaches_the_log_and_mixed_batches_avoid_it(data, tmp_path):
+    """Rain holds 400 of 406 items: shuffled batches are mostly rain only, L_cl is 0 there, and the loss's warning is
+    in train.log. --mix-tasks draws every batch with at least two tasks: L_cl > 0 at every step, no warning."""
+    dominated = [a for a in args_for(data, None, tmp_path / "plain", steps=3) if a not in REPEATS[1:]]
+    dominated += ["noise=1", "haze=1", "rain=200"]
+    script.main(dominated)
+    assert "NoNegativesWarning" in (tmp_path / "plain" / "train.log").read_text()
+    mixed = [a if a != str(tmp_path / "plain") else str(tmp_path / "mixed") for a in dominated]
+    script.main([*mixed, "--mix-tasks"])
+    assert all(float(row["contrastive"]) > 0 for row in read_log(tmp_path / "mixed" / "train_log.csv"))
+    assert "NoNegativesWarning" not in (tmp_path / "mixed" / "train.log").read_text()
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 def test_evaluate_run_gives_the_validation_numbers_whole_and_tiled(data, cache, tmp_path):
     out = tmp_path / "run"
-    train_nafnet_perceive.main(args_for(data, cache, out, "--val", "--ema-decay", "0.5"))
+    script.main(args_for(data, cache, out, "--backbone", "nafnet", "--val", "--ema-decay", "0.5"))
     eval_root = tmp_path / "eval"  # the validation's haze pairs in evaluate.py's layout (same file names)
     (eval_root / "SOTS" / "degraded").mkdir(parents=True)
     (eval_root / "SOTS" / "target").mkdir()
@@ -261,26 +295,50 @@ def test_evaluate_run_gives_the_validation_numbers_whole_and_tiled(data, cache, 
     assert math.isfinite(tiled["SOTS"][0])
 
 
+# ---------------------------------------------------------------------------------------------- checks before step 1
+def test_a_corrupt_image_stops_the_run_before_step_1_with_every_bad_file(data, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    broken = [bad / "train" / "rain" / "rainy" / "rain-2.png", bad / "test" / "haze" / "clean" / "0001.png"]
+    for path in broken:
+        path.write_bytes(path.read_bytes()[:60])  # cut short, as an interrupted copy leaves it
+    out = tmp_path / "run"
+    with pytest.raises(ImageScanError, match=r"2 of \d+ image file\(s\) cannot be used") as error:
+        script.main(args_for(bad, None, out, "--val"))
+    assert sorted(path for path, _ in error.value.problems) == sorted(str(path) for path in broken)
+    assert not (out / "checkpoints").exists() and not (out / "train_log.csv").exists()
+
+
+def test_a_cache_of_other_images_with_the_same_names_is_refused(data, cache, tmp_path):
+    """Rain100H and Rain100L share file names: a cache rendered from one must not serve the other."""
+    other = tmp_path / "other"
+    shutil.copytree(data, other)
+    for name in ("rain-1.png", "rain-2.png"):
+        write_image(other / "train" / "rain" / "rainy" / name, torch.rand(3, 40, 36))
+    with pytest.raises(ValueError, match=r"does not match these inputs:\n(.*\n)*  - slot 'stage1': 2 stale: "
+                                         r"rain/rainy/rain-1.png, rain/rainy/rain-2.png"):
+        script.main(args_for(other, cache, tmp_path / "run"))
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_missing_or_incomplete_proxy_caches_are_clear_errors(data, cache, tmp_path):
     with pytest.raises(FileNotFoundError, match="no render cache at .*perceive-ir cache render"):
-        train_restormer_perceive.main(args_for(data, tmp_path / "nowhere", tmp_path / "a"))
+        script.main(args_for(data, tmp_path / "nowhere", tmp_path / "a"))
     with pytest.raises(ValueError, match="--proxy-cache DIR .* or --no-proxies"):
-        train_restormer_perceive.main([a for a in args_for(data, cache, tmp_path / "b") if a != str(cache)
-                                       and a != "--proxy-cache"])
+        script.main([a for a in args_for(data, None, tmp_path / "b") if a != "--no-proxies"])
     with pytest.raises(ValueError, match="--dpl-weight 0 .* pass --no-proxies"):
-        train_restormer_perceive.main(args_for(data, cache, tmp_path / "f", "--dpl-weight", "0"))
+        script.main(args_for(data, cache, tmp_path / "f", "--dpl-weight", "0"))
     broken = tmp_path / "broken"
     shutil.copytree(cache, broken, symlinks=True)
     (broken / "stage1" / "rain" / "rainy" / "rain-2.png.png").unlink()
-    missing = r"incomplete .*\n  - slot 'stage1': 1 of the training inputs .*rain/rainy/rain-2.png"
-    with pytest.raises(ValueError, match=missing):
-        train_restormer_perceive.main(args_for(data, broken, tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"does not match these inputs:\n  - slot 'stage1': 1 missing: "
+                                         r"rain/rainy/rain-2.png"):
+        script.main(args_for(data, broken, tmp_path / "c"))
     (broken / "inputs" / "settings.json").unlink()  # no recorded seed, no --noise-seed: noise is fresh every draw
     with pytest.raises(ValueError, match="cover noise, but noise is synthesised afresh .* --noise-seed"):
-        train_restormer_perceive.main(args_for(data, broken, tmp_path / "d"))
+        script.main(args_for(data, broken, tmp_path / "d"))
     with pytest.raises(ValueError, match="--noise-seed 6 differs .* \\(5,"):
-        train_restormer_perceive.main(args_for(data, cache, tmp_path / "e", "--noise-seed", "6"))
+        script.main(args_for(data, cache, tmp_path / "e", "--noise-seed", "6"))
 
 
 def test_a_bad_data_layout_lists_what_is_missing(data, tmp_path):
@@ -288,8 +346,7 @@ def test_a_bad_data_layout_lists_what_is_missing(data, tmp_path):
     shutil.copytree(data, bad)
     shutil.rmtree(bad / "train" / "rain" / "rainy")
     with pytest.raises(ValueError, match=r"(?s)train data .* is incomplete.*rain: missing folder rain/rainy/"):
-        train_restormer_perceive.main(["--data", str(bad), "--tiny", "--no-proxies", "--device", "cpu",
-                                       "--out-dir", str(tmp_path / "run")])
+        script.main(args_for(bad, None, tmp_path / "run"))
 
 
 def test_init_backbone_loads_official_weights_under_the_adapter(data, cache, tmp_path):
@@ -297,8 +354,8 @@ def test_init_backbone_loads_official_weights_under_the_adapter(data, cache, tmp
     official = create_backbone("promptir-tiny")
     path = save_official_checkpoint(official, tmp_path / "promptir.ckpt")  # Lightning layout, 'net.' prefix
     out = tmp_path / "run"  # one step at a negligible learning rate: the backbone keeps the official weights
-    train_promptir_perceive.main(args_for(data, cache, out, "--init-backbone", str(path), "--lr", "1e-12",
-                                          "--min-lr", "0", "--weight-decay", "0", steps=1))
+    script.main(args_for(data, cache, out, "--backbone", "promptir", "--init-backbone", str(path), "--lr", "1e-12",
+                         "--min-lr", "0", "--weight-decay", "0", steps=1))
     trained = load_file(str(out / "model.safetensors"))
     for key, value in official.state_dict().items():
         assert torch.allclose(trained[f"backbone.{key}"], value, atol=1e-9), key
@@ -307,16 +364,16 @@ def test_init_backbone_loads_official_weights_under_the_adapter(data, cache, tmp
 def test_checkpoints_of_another_backbone_are_refused(data, cache, tmp_path):
     torch.manual_seed(0)
     nafnet = save_official_checkpoint(create_backbone("nafnet-tiny"), tmp_path / "nafnet.pth")
-    with pytest.raises(CheckpointError, match="looks like a NAFNet checkpoint, not a Restormer one"):
-        train_restormer_perceive.main(args_for(data, cache, tmp_path / "a", "--init-backbone", str(nafnet)))
+    with pytest.raises(WeightsError, match="does not fit Restormer under any key prefix"):
+        script.main(args_for(data, cache, tmp_path / "a", "--init-backbone", str(nafnet)))
     restormer_run = tmp_path / "restormer"
-    train_restormer_perceive.main(args_for(data, cache, restormer_run, steps=1))
+    script.main(args_for(data, cache, restormer_run, steps=1))
     with pytest.raises(ValueError, match="holds checkpoints of another network .*nafnet-tiny"):
-        train_nafnet_perceive.main(args_for(data, cache, restormer_run, steps=2))
+        script.main(args_for(data, cache, restormer_run, "--backbone", "nafnet", steps=2))
     nafnet_run = tmp_path / "nafnet"
-    train_nafnet_perceive.main(args_for(data, cache, nafnet_run, steps=1))
-    with pytest.raises(CheckpointError, match="does not fit"):
-        recipe.build_run_net(restormer_run, checkpoint=nafnet_run / "checkpoints" / "latest")
+    script.main(args_for(data, cache, nafnet_run, "--backbone", "nafnet", steps=1))
+    with pytest.raises(WeightsError, match="does not fit"):
+        script.build_run_net(restormer_run, checkpoint=nafnet_run / "checkpoints" / "latest")
 
 
 def test_a_non_finite_output_becomes_a_skipped_step_not_a_crash():
@@ -326,16 +383,18 @@ def test_a_non_finite_output_becomes_a_skipped_step_not_a_crash():
             self.scale = torch.nn.Parameter(torch.ones(()))
 
         def guide(self, images, positive=None):
-            from perceive_components.guidance import Guidance
+            from perceive_components import Guidance
 
             return Guidance(None, torch.zeros(len(images), 4), torch.zeros(len(images), 4))
 
         def forward(self, images, guidance=None):
             return images * self.scale * float("nan")
 
-    step = recipe.PerceiveStep(recipe.QualityAwareLoss(None, recipe.tiny_vgg16_layout(), vgg_pretrained=False,
-                                                       clip_weight=0.0))
+    net = NaNNet()
     batch = {"degraded": torch.rand(2, 3, 16, 16), "positive": torch.rand(2, 3, 16, 16)}
-    loss, terms = step(NaNNet(), batch)
-    assert math.isnan(loss.item()) and list(terms) == ["l1", "contrastive", "perceptual"]
+    criterion = script.QualityAwareLoss(None, clip_weight=0.0, perceptual_weight=0.0)
+    loss, terms = script.perceive_loss(net, net, criterion, batch, ONE_PROCESS, ["l1", "contrastive"])
+    assert math.isnan(loss.item()) and list(terms) == ["l1", "contrastive"]
+    assert all(math.isnan(value) for value in terms.values())
     loss.backward()
+    assert net.scale.grad is not None  # the backward runs (under DDP: the gradient all-reduce of every process)

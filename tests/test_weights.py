@@ -2,8 +2,6 @@
 parameters a backbone's forward never uses (``freeze_unused_parameters``)."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn

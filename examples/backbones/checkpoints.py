@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,6 +31,7 @@ from torch import nn
 
 from perceive_components import SGM
 from perceive_components.ops.checkpoint import atomic_write
+from perceive_components.weights import WeightsError, read_checkpoint
 
 # (family, key prefixes that must all occur), checked in order; the first match names the checkpoint.
 FAMILY_SIGNATURES: list[tuple[str, tuple[str, ...]]] = [
@@ -45,41 +44,17 @@ _EXAMPLES = 3  # keys quoted per kind of mismatch
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(WeightsError):
     """A checkpoint file cannot be read, or its tensors do not fit the model."""
 
 
 def read_checkpoint_file(path: str | os.PathLike) -> Mapping[str, Any]:
-    """Read ``path`` (torch file with ``weights_only=True``, or ``.safetensors``) into a mapping on the CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError) as error:
-            raise CheckpointError(f"cannot read {str(path)!r}: truncated or not a safetensors file ({error})") from error
+    """Read ``path`` (torch file with ``weights_only=True``, or ``.safetensors``) into a mapping on the CPU: the
+    library's ``perceive_components.weights.read_checkpoint``, its errors raised as ``CheckpointError``."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        if refused:
-            raise CheckpointError(
-                f"{str(path)!r} holds a Python object ({refused.group(1)}) that torch.load(weights_only=True) refuses"
-                " to unpickle, and we never unpickle arbitrary objects. Re-save its tensors as a plain state dict"
-                " (or {'params': state_dict}) in an environment you trust."
-            ) from error
-        raise CheckpointError(f"cannot read {str(path)!r}: truncated or not a PyTorch checkpoint (the unpickler"
-                              " met invalid data)") from error
-    except Exception as error:  # a damaged file can fail anywhere inside the unpickler
-        raise CheckpointError(f"cannot read {str(path)!r}: truncated or not a PyTorch checkpoint"
-                              f" ({type(error).__name__}: {error})") from error
-    if not isinstance(checkpoint, Mapping):
-        raise CheckpointError(f"{str(path)!r} holds a {type(checkpoint).__name__}, expected a dict of tensors")
-    return checkpoint
+        return read_checkpoint(path)
+    except WeightsError as error:
+        raise CheckpointError(str(error)) from error
 
 
 def _strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from torch import nn
 from perceive_components.guidance import Guidance, check_guidance, compute_guidance
 from perceive_components.ops.validation import set_value_checks
 from perceive_components.modules import CFE, ETB, GDFN, MDTA, PGCA, PGM, SGM, LayerNorm2d, RestormerBlock
-from perceive_components.modules.sgm import DEFAULT_DINOV2
+from perceive_components.modules import DEFAULT_DINOV2
 
 from .base import RestorationBackbone
 

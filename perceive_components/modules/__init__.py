@@ -3,9 +3,9 @@ from .cfe import CFE, make_positive_view
 from .pgca import ETB, PGCA, PGCABlock
 from .pgm import PGM
 from .restormer_blocks import GDFN, MDTA, LayerNorm2d, RestormerBlock
-from .sgm import SGM, SemanticPriors
+from .sgm import DEFAULT_DINOV2, SGM, SemanticPriors
 
 __all__ = [
-    "CFE", "ETB", "GDFN", "MDTA", "PGCA", "PGCABlock", "PGM", "SGM", "LayerNorm2d", "RestormerBlock",
+    "CFE", "DEFAULT_DINOV2", "ETB", "GDFN", "MDTA", "PGCA", "PGCABlock", "PGM", "SGM", "LayerNorm2d", "RestormerBlock",
     "SemanticPriors", "make_positive_view",
 ]

@@ -1,0 +1,11 @@
+"""Helpers of the tests that run several gloo processes on loopback."""
+from __future__ import annotations
+
+import socket
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for ``init_method=tcp://127.0.0.1:<port>``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
