@@ -220,7 +220,7 @@ def explanations(summaries: Mapping[str, Mapping[str, Sequence[float]]], gates: 
                    if row["psnr_improved_rate"] < 0.90 else
                    f"too few sit halfway (r in [0.25, 0.85] for {row['r_in_band_rate']:.2f} < 0.50)")
             notes.append(f"**Stage-1 gate not passed for {task}:** {how}. The fold models here are 9 k-parameter "
-                         "networks trained on 18 images for a few hundred steps; the authors' are Restormers trained "
+                         "networks trained on the other fold (about half of the 36 pairs) for a few hundred steps; the authors' are Restormers trained "
                          "20,000 steps on thousands.")
     if not audit["gate"]["passed"]:
         clip = "on a tiny random CLIP, " if weights != "pretrained" else ""

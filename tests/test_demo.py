@@ -293,3 +293,21 @@ def test_pretrained_weights_are_found_in_the_cache_without_a_download(demo_modul
         "CLIP ViT-B/32 (OpenAI)": "missing", "DINOv2-B/14": "missing", "VGG-16": "cached"}
     assert demo_module.pretrained_status(tmp_path, reachable=True)["DINOv2-B/14"] == "downloadable"
     assert demo_module.hub_reachable() is False  # HF_HUB_OFFLINE=1 in the tests: the Hub is never asked
+
+
+def test_the_training_script_takes_the_demo_perceiver_with_its_tiny_networks(demo_run):
+    from examples.train_restormer_perceive import build_criterion, build_parser
+
+    out, _, _ = demo_run
+    args = build_parser().parse_args(["--data", "unused", "--tiny", "--perceiver", str(out / "perceiver")])
+    args.frozen = "tiny"  # what main() makes of --tiny
+    perceiver = build_criterion(args).clip_loss.perceiver  # the same tiny CLIP as the recipe's --tiny (width 64)
+    assert perceiver.clip_model == "perceive-tiny-clip" and perceiver.prompt_learner.ctx.shape[-1] == 64
+
+
+def test_no_sgm_is_refused_for_the_paper_network(tmp_path):
+    from examples.train_restormer_perceive import main
+
+    with pytest.raises(ValueError, match="--no-sgm applies to adapter-wrapped backbones; perceive-ir-net-tiny has"):
+        main(["--data", str(tmp_path), "--backbone", "perceive-ir-net-tiny", "--no-sgm", "--frozen", "tiny",
+              "--no-proxies", "--device", "cpu", "--out-dir", str(tmp_path / "run")])
