@@ -176,7 +176,7 @@ def test_each_backbone_trains_every_trainable_part_on_cpu(backbone, data, cache,
         assert float(r["loss"]) == pytest.approx(total, rel=1e-5), r
     spec = json.loads((out / "net.json").read_text())
     assert spec == {"format": script.NET_FORMAT, "backbone": f"{backbone}-tiny",
-                    "adapter": backbone != "perceive-ir-net", "pgca": False, "frozen": "tiny", "seed": 0}
+                    "adapter": backbone != "perceive-ir-net", "pgca": False, "sgm": True, "frozen": "tiny", "seed": 0}
     # every trainable parameter moved (it got a gradient: DDP needs no find_unused_parameters); the PromptIR
     # convolutions its forward never calls were frozen and did not
     initial, trained = script.build_network(spec).state_dict(), load_file(str(out / "model.safetensors"))
