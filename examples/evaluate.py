@@ -1,4 +1,4 @@
-"""Evaluate a restoration backbone on paired test sets with the field's protocol (SPEC.md §4, table of §5).
+"""Evaluate a restoration backbone on paired test sets with the field's protocol (docs/method.md §4, table of §5).
 
 Protocol: full image in fp32 (TF32 off), replicate-pad bottom/right to a multiple of 8 (and of the
 backbone's ``size_factor``), crop back, clamp to [0, 1], then PSNR and SSIM on the float RGB output (no 8-bit
@@ -60,7 +60,7 @@ from perceive_components.ops.tiling import tiled_apply  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
-# Standard test sets (SPEC.md §4) as (folder name, column label), in the column order of SPEC.md §5.
+# Standard test sets (docs/method.md §4) as (folder name, column label), in the column order of docs/method.md §5.
 PROTOCOLS: dict[str, list[tuple[str, str]]] = {
     "3task": [("CBSD68-sigma15", "σ15"), ("CBSD68-sigma25", "σ25"), ("CBSD68-sigma50", "σ50"),
               ("SOTS-outdoor", "SOTS"), ("Rain100L", "Rain100L")],
@@ -227,13 +227,13 @@ def summarise(scores: Sequence[ImageScore], labels: Sequence[str]) -> dict[str, 
 
 
 def format_cell(psnr_value: float, ssim_value: float) -> str:
-    """``34.13/.934`` (SPEC.md §5 style)."""
+    """``34.13/.934`` (docs/method.md §5 style)."""
     ssim_text = f"{ssim_value:.3f}"
     return f"{psnr_value:.2f}/{ssim_text[1:] if ssim_text.startswith('0.') else ssim_text}"
 
 
 def format_table(summary: dict[str, tuple[float, float, int]], row_label: str) -> str:
-    """A Markdown table in the layout of SPEC.md §5: one column per set, then the average."""
+    """A Markdown table in the layout of docs/method.md §5: one column per set, then the average."""
     columns = list(summary)
     header = "| setting | " + " | ".join(columns) + " |"
     rule = "|---" * (len(columns) + 1) + "|"
@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="change one config entry of the backbone, e.g. width=64 (repeatable)")
     parser.add_argument("--data-root", required=True, help="folder holding one sub-folder per test set")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--protocol", choices=sorted(PROTOCOLS), help="the standard sets in SPEC.md §5 order")
+    group.add_argument("--protocol", choices=sorted(PROTOCOLS), help="the standard sets in docs/method.md §5 order")
     group.add_argument("--sets", nargs="+", metavar="NAME[=LABEL]", help="set folders (default: all sub-folders)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tile", type=int, help="tile size (a multiple of 8); default: whole images")
@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, tuple[float, float, int
         else:
             log.warning("no --checkpoint: evaluating %s with random weights", args.backbone)
         size_factor = model.size_factor
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (SPEC.md §4)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (docs/method.md §4)
     torch.backends.cudnn.allow_tf32 = False
     model = model.to(args.device).float().eval()
     out_dir = Path(args.out) if args.out else None

@@ -1,4 +1,4 @@
-"""Build the stage-1 layout ``OUT/<task>/{degraded,clean}/`` from the standard all-in-one data sets (SPEC.md §4).
+"""Build the stage-1 layout ``OUT/<task>/{degraded,clean}/`` from the standard all-in-one data sets (docs/method.md §4).
 
 Stage 1 (``perceive-ir stage1 run``, ``perceive_components.stage1.scan_pairs``) reads one folder per task
 with a ``degraded/`` and a ``clean/`` folder whose file names pair up. This script makes that layout from the

@@ -70,7 +70,7 @@ class PerceiveAdapter(nn.Module):
         sgm_kwargs: arguments for ``SGM`` when it is built here (``pretrained``, ``blocks``, ``image_size``,
             ``model_kwargs`` …); ``blocks`` defaults to one per level ((1, 4, 8, 12) for four levels).
         pgca: add one ``PGCABlock`` per level after PGM (4-D levels only). pgca_heads: heads (default C/48).
-        pgm_form: ``"code"`` or ``"figure"`` (SPEC §3.2). zero_init: start as the identity (default True).
+        pgm_form: ``"code"`` or ``"figure"`` (docs/method.md §3.2). zero_init: start as the identity (default True).
         embed_dim: width of Z for a CFE built here (128).
         example_input / trace_size: the dummy input of the trace (default ``rand(1, 3, 64, 64)``).
         multiple: required divisor of H and W (default: the down-sampling factor seen in the trace).

@@ -212,7 +212,7 @@ q = perceiver.score(images)   # (B,) in [0, 2], higher is better; images (B,3,H,
 ## Training data
 {training_lines}
 
-## Audit (SPEC §1.3: tier accuracy, strict-triplet rate, monotonic rate)
+## Audit (docs/method.md §1.3: tier accuracy, strict-triplet rate, monotonic rate)
 {_format_metrics(config.get('audit') or {})}
 """
     return ModelCard(text)

@@ -4,7 +4,7 @@ Every submodule call is recorded with the shape of its input (the tensor a forwa
 modulate), the shape of its output and the module's parameter count. For an input ``(B, C, h, w)`` of an
 ``H × W`` image the *scale* is ``H / h`` when ``H / h == W / w`` is an integer.
 
-Discovery rule (DESIGN.md §2): the bottleneck is the coarsest scale seen (scale s_max; pooled 1 × 1
+Discovery rule: the bottleneck is the coarsest scale seen (scale s_max; pooled 1 × 1
 tensors are ignored). From the first call at s_max on ("the path back up to full resolution") the
 candidates at each scale are the outermost modules with parameters whose input and output both sit at
 that scale (stages, not up/down-samplers). Per scale:

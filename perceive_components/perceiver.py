@@ -1,4 +1,4 @@
-"""QualityPerceiver: frozen CLIP + learned "terrible / mediocre / excellent" prompts (SPEC.md §1.1).
+"""QualityPerceiver: frozen CLIP + learned "terrible / mediocre / excellent" prompts (docs/method.md §1.1).
 
     v      = normalize( E_img( normalize_clip( resize_224( clamp01(I) ) ) ) )
     logits = s · v Tᵀ            s = exp(CLIP logit_scale) ≈ 100, fixed; T: (3, D) prompt features
@@ -243,7 +243,7 @@ class QualityPerceiver(
         """CLIP features ``(B, D)``, L2-normalised, of images in [0, 1] (validated by the caller).
 
         ``straight_through=True`` clamps in the forward pass but lets the gradient through unchanged, so a
-        loss on the features still pushes out-of-range pixels (SPEC §2.1).
+        loss on the features still pushes out-of-range pixels (docs/method.md §2.1).
         """
         x = images.float()
         clamped = x.clamp(0.0, 1.0)

@@ -1,4 +1,4 @@
-"""CoOp-style class-specific prompt context on a frozen open_clip text tower (SPEC.md §1.1).
+"""CoOp-style class-specific prompt context on a frozen open_clip text tower (docs/method.md §1.1).
 
 For each quality tier c the token sequence is ``[SOS] [ctx_1 … ctx_n] [EOT] [pad …]``; the ``n_ctx``
 context vectors are free parameters (init N(0, 0.02²)) and the last one starts as CLIP's embedding of

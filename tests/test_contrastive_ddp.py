@@ -1,5 +1,5 @@
 """L_cl under torch.distributed: a 2-process gloo run on loopback with unequal per-rank batches (3 and 5)
-gives the same value and gradients as one process on the concatenated batch (SPEC.md §2.3)."""
+gives the same value and gradients as one process on the concatenated batch (docs/method.md §2.3)."""
 from __future__ import annotations
 
 import os

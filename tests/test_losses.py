@@ -1,4 +1,4 @@
-"""Quality-aware losses (SPEC.md §2): each loss against a plain float64 re-computation written here,
+"""Quality-aware losses (docs/method.md §2): each loss against a plain float64 re-computation written here,
 gradients, the difficulty rule, conventions (reduction, loss_weight, frozen nets, autocast) and bad inputs."""
 from __future__ import annotations
 

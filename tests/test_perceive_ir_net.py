@@ -1,4 +1,4 @@
-"""The paper's own network (SPEC.md §3.4): exact size and the authors' key layout, wiring, gradients, the
+"""The paper's own network (docs/method.md §3.4): exact size and the authors' key layout, wiring, gradients, the
 frozen DINOv2, checkpoints in the authors' format, bf16 and input errors."""
 from __future__ import annotations
 

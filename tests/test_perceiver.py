@@ -1,4 +1,4 @@
-"""QualityPerceiver: the CoOp text path, scoring outputs, caching and input validation (SPEC §1.1)."""
+"""QualityPerceiver: the CoOp text path, scoring outputs, caching and input validation (docs/method.md §1.1)."""
 from __future__ import annotations
 
 import pytest

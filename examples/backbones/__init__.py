@@ -10,7 +10,7 @@ Registered names (``list_backbones()``):
 - ``restormer``: Restormer (CVPR 2022), upstream default config, 26,126,644 parameters
 - ``nafnet``: NAFNet (ECCV 2022), SIDD width-32 config, 29,159,715 parameters
 - ``promptir``: PromptIR (NeurIPS 2023), released all-in-one config, 35,592,263 parameters
-- ``perceive-ir-net``: the Perceive-IR paper's own network (SPEC.md §3.4), 33,901,111 parameters, with its
+- ``perceive-ir-net``: the Perceive-IR paper's own network (docs/method.md §3.4), 33,901,111 parameters, with its
   CFE and a frozen DINOv2-B (SGM) inside
 - ``<name>-tiny``: the same architecture at test size (under 100,000 parameters; ``perceive-ir-net-tiny``:
   0.5 M, 0.2 M of them the fixed-width CFE, with a random 2-block DINOv2), for tests and CPU demos

@@ -6,7 +6,7 @@ A restoration backbone maps a degraded image ``(B, 3, H, W)`` to a restored one 
 - ``size_factor``: H and W must be multiples of it (2^number of downsamplings). Callers pad to it, e.g.
   ``perceive_components.ops.tiling.pad_to_multiple(x, model.size_factor, 'replicate')``.
 - ``decoder_levels()``: ``{module name: channels}`` of the decoder-level modules, deepest first
-  (SPEC.md §6). These are the modules ``PerceiveAdapter`` hooks; their inputs and outputs have the same
+  (docs/method.md §6). These are the modules ``PerceiveAdapter`` hooks; their inputs and outputs have the same
   channel count, so the number is unambiguous.
 - ``decoder_strides()``: ``{module name: downscale factor}`` of the same modules (1 = full resolution).
 - ``checkpoint_format``: the layout of the upstream release, ``'basicsr'`` (``{'params': state_dict}``) or

@@ -1,6 +1,6 @@
 """NAFNet (Chen et al., "Simple Baselines for Image Restoration", ECCV 2022): a nonlinear-activation-free U-Net.
 
-A fresh re-implementation from the published architecture (SPEC.md §6). Attribute and argument names follow
+A fresh re-implementation from the published architecture (docs/method.md §6). Attribute and argument names follow
 the upstream release, so its checkpoints (BasicSR ``{'params': state_dict}``) load with ``strict=True``.
 
 Layout (w = ``width``, n = len(enc_blk_nums); ``@1/s`` = resolution divided by s)::

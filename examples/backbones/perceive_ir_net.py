@@ -1,4 +1,4 @@
-"""The Perceive-IR paper's own restoration network (SPEC.md §3.4), built from the library's modules.
+"""The Perceive-IR paper's own restoration network (docs/method.md §3.4), built from the library's modules.
 
 A Restormer-style U-Net whose bottleneck and decoder levels are ETB stages guided by PGM. Module names at
 the top level follow the authors' release (House-yuyu/Perceive-IR ``src/perceiveIR/model.py``); inside
@@ -18,9 +18,9 @@ checkpoints load with ``strict=True`` (``examples/backbones/checkpoints.py``). L
     R  = Conv3x3(Refine(d1)) + I                            refinement, output
 
 - Encoder and refinement: plain Restormer blocks ``x ← x + MDTA(LN(x)); x ← x + GDFN(LN(x))``.
-- ``PGM_l``: ``Y = X ⊙ (1 + γ) + β`` with ``[γ, β] = MLP([F_l, Z])`` (SPEC §3.2, code form). Y is computed
+- ``PGM_l``: ``Y = X ⊙ (1 + γ) + β`` with ``[γ, β] = MLP([F_l, Z])`` (docs/method.md §3.2, code form). Y is computed
   once per level and shared by every ETB of that level.
-- ETB (SPEC §3.3, code form): ``c = PGCA(LN(x), LN(Y)); x' = Y + MDTA(LN(c)); x'' = x' + GDFN(LN(x'))``.
+- ETB (docs/method.md §3.3, code form): ``c = PGCA(LN(x), LN(Y)); x' = Y + MDTA(LN(c)); x'' = x' + GDFN(LN(x'))``.
 - Unlike Restormer: decoder level 1 and the refinement run at C = 48 channels (after a 1x1 reduce, where
   Restormer keeps 96), every convolution has a bias, and the down/up convolutions too.
 
@@ -119,7 +119,7 @@ class PerceiveIRNet(RestorationBackbone):
         dinov2_pretrained, dinov2_blocks, dinov2_image_size, dinov2_kwargs, dinov2_position_embedding: how the SGM
             is built from a name (``SGM(name, pretrained, blocks, image_size, model_kwargs=…,
             position_embedding=…)``; ``"hf"`` resamples the position grid as the authors' Hugging Face DINOv2).
-        etb_form, pgm_form: ``"code"`` (authors' code, default) or ``"figure"`` (the paper's figure), SPEC §3.2-3.3.
+        etb_form, pgm_form: ``"code"`` (authors' code, default) or ``"figure"`` (the paper's figure), docs/method.md §3.2-3.3.
 
     ``guide(degraded, positive=view)`` returns the ``Guidance`` (Z, Z⁺, priors) that ``forward(degraded,
     guidance=…)`` and the contrastive loss take — the same value and code path as ``PerceiveAdapter``.

@@ -1,6 +1,6 @@
 """PromptIR (Potlapalli et al., "PromptIR: Prompting for All-in-One Blind Image Restoration", NeurIPS 2023).
 
-A fresh re-implementation from the published architecture (SPEC.md §6). It is Restormer (see
+A fresh re-implementation from the published architecture (docs/method.md §6). It is Restormer (see
 ``restormer.py`` for the blocks) with a prompt block in front of each decoder level. Attribute names follow
 the upstream release, so its Lightning checkpoints (``{'state_dict': {'net.' + key: tensor}}``) load with
 ``strict=True``.

@@ -1,6 +1,6 @@
 """Restormer (Zamir et al., "Restormer: Efficient Transformer for High-Resolution Image Restoration", CVPR 2022).
 
-A fresh re-implementation from the published architecture (SPEC.md §6). Attribute names follow the
+A fresh re-implementation from the published architecture (docs/method.md §6). Attribute names follow the
 upstream release, so its checkpoints (BasicSR ``{'params': state_dict}``) load with ``strict=True``;
 constructor arguments use the upstream names too (``LayerNorm_type`` included), so an upstream YAML
 ``network_g`` section can be passed as keyword arguments.

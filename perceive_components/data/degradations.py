@@ -1,4 +1,4 @@
-"""Synthetic degradations for tests, demos and the noise task (SPEC.md §4).
+"""Synthetic degradations for tests, demos and the noise task (docs/method.md §4).
 
 All functions take clean images ``(B, 3, H, W)`` in [0, 1] and a ``torch.Generator`` for reproducible
 randomness, and return degraded images in [0, 1]. Strength 0 leaves the image unchanged.

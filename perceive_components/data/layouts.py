@@ -1,4 +1,4 @@
-"""The standard all-in-one training and test sets: 3-task (N+H+R) and 5-task (+ blur, low light), SPEC.md §4.
+"""The standard all-in-one training and test sets: 3-task (N+H+R) and 5-task (+ blur, low light), docs/method.md §4.
 
 Folder layout (docs/data.md)::
 
@@ -257,9 +257,9 @@ class PairedTestSet(Dataset):
 
 def standard_test_sets(root: str | os.PathLike, layout: str | Sequence[str] = "3task", *,
                        sigmas: Sequence[int] | None = None, noise_seed: int = 0) -> dict[str, PairedTestSet]:
-    """The SPEC §5 test sets under ``<root>/test``, by name (e.g. ``CBSD68_s25``, ``SOTS``, ``Rain100L``).
+    """The docs/method.md §5 test sets under ``<root>/test``, by name (e.g. ``CBSD68_s25``, ``SOTS``, ``Rain100L``).
 
-    Noise levels default to 15/25/50 for the 3-task layout and 25 for the 5-task one (SPEC §4).
+    Noise levels default to 15/25/50 for the 3-task layout and 25 for the 5-task one (docs/method.md §4).
     """
     tasks = resolve_layout(layout)
     if sigmas is None:

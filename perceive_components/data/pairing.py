@@ -1,4 +1,4 @@
-"""Finding (degraded, clean) image pairs in the standard folder layouts (SPEC.md §4, docs/data.md).
+"""Finding (degraded, clean) image pairs in the standard folder layouts (docs/method.md §4, docs/data.md).
 
 Every task keeps its images under ``<split>/<task>/<degraded folder>`` and ``<split>/<task>/<clean
 folder>`` (noise has clean images only: its degraded inputs are synthesised). A degraded image is paired

@@ -1,4 +1,4 @@
-"""Quality-aware losses of Perceive-IR (SPEC.md §2): module + functional pairs.
+"""Quality-aware losses of Perceive-IR (docs/method.md §2): module + functional pairs.
 
 - ``CLIPAwareLoss`` / ``clip_aware_loss``: push the output toward the "excellent" prompt (§2.1).
 - ``DifficultyAdaptivePerceptualLoss`` / ``difficulty_adaptive_perceptual_loss``: VGG contrastive ratio

@@ -1,4 +1,4 @@
-"""CLIP-aware loss L_clip (SPEC.md §2.1): push the restored image toward the "excellent" prompt.
+"""CLIP-aware loss L_clip (docs/method.md §2.1): push the restored image toward the "excellent" prompt.
 
     v = normalize( E_img( clamp01(R) ) )          (frozen CLIP, gradient flows into R)
     p = softmax( s · v Tᵀ )                       T: (3, D) cached prompt features of a frozen perceiver

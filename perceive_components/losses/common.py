@@ -29,7 +29,7 @@ def reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def straight_through_clamp(images: torch.Tensor) -> torch.Tensor:
-    """clamp01 in the forward pass, identity in the backward pass (SPEC §2.1: out-of-range pixels still
+    """clamp01 in the forward pass, identity in the backward pass (docs/method.md §2.1: out-of-range pixels still
     receive the loss gradient instead of a zero)."""
     return images + (images.clamp(0.0, 1.0) - images).detach()
 

@@ -1,4 +1,4 @@
-"""Degradation contrastive loss L_cl on CFE embeddings (SPEC.md §2.3), InfoNCE with τ = 0.1.
+"""Degradation contrastive loss L_cl on CFE embeddings (docs/method.md §2.3), InfoNCE with τ = 0.1.
 
 For anchor i (z_i = CFE(degraded crop), positive z⁺_i = CFE(another crop of the same degraded image)):
 

@@ -1,4 +1,4 @@
-"""Mean-L1 distances between anchor feature maps (with gradient) and constant ones, for L_dpl (SPEC §2.2).
+"""Mean-L1 distances between anchor feature maps (with gradient) and constant ones, for L_dpl (docs/method.md §2.2).
 
     D(a, b) = mean |a − b|        (per pair, over C·H·W)        ∂D/∂a = sign(a − b) / (C·H·W)
 

@@ -1,4 +1,4 @@
-"""Difficulty-adaptive perceptual loss L_dpl (SPEC.md §2.2): a contrastive ratio in VGG-16 feature space.
+"""Difficulty-adaptive perceptual loss L_dpl (docs/method.md §2.2): a contrastive ratio in VGG-16 feature space.
 
 Anchor R (restored, with gradient), positive G (ground truth), easy negative L (degraded input), proxy
 negatives P_j (outputs of frozen, weaker restorers) with validity m_j(b) ∈ {0, 1}:
@@ -14,7 +14,7 @@ closer to G than the model: pushed less). The reference is
 - ``"probe"`` (authors' code): one scalar, the model's mean PSNR on a fixed probe set re-measured at each
   epoch start (``probe_psnr``).
 
-Cost (DESIGN.md §5): one VGG pass with gradient on R, and ONE no-grad VGG pass on the concatenation
+Cost: one VGG pass with gradient on R, and ONE no-grad VGG pass on the concatenation
 [G; L; valid P_j]. Masked-out negatives are never gathered, validated or run.
 """
 from __future__ import annotations
@@ -169,7 +169,7 @@ def probe_psnr(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> float:
-    """The model's mean per-image PSNR (dB) on a fixed probe set: the authors' "probe" reference (SPEC §2.2).
+    """The model's mean per-image PSNR (dB) on a fixed probe set: the authors' "probe" reference (docs/method.md §2.2).
 
     ``probe`` yields ``(degraded, gt)`` batches ``(B, 3, H, W)`` (the same fixed crops at every call; the
     authors use 24 training crops per task and re-measure at each epoch start). Outputs are clamped to

@@ -1,4 +1,4 @@
-"""QualityAwareLoss: the whole stage-2 objective of Perceive-IR in one call (SPEC.md §2.4).
+"""QualityAwareLoss: the whole stage-2 objective of Perceive-IR in one call (docs/method.md §2.4).
 
     L = λ0·L1(R, G) + λ1·L_cl + λ2·L_clip + λ3·L_dpl        λ0 = 1, λ1 = 0.1, λ2 = 0.05, λ3 = 0.1
 

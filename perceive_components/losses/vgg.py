@@ -1,4 +1,4 @@
-"""Frozen VGG feature taps for the difficulty-adaptive perceptual loss (SPEC.md §2.2).
+"""Frozen VGG feature taps for the difficulty-adaptive perceptual loss (docs/method.md §2.2).
 
     x̂      = (clamp01(x) − μ_ImageNet) / σ_ImageNet
     taps   = [relu1_2(x̂), relu2_2(x̂), relu3_1(x̂), relu3_3(x̂)]       (default, authors' effective taps)

@@ -1,4 +1,4 @@
-"""Perceive-IR guidance modules (SPEC.md §2.3, §3): CFE, SGM, PGM, PGCA/ETB and Restormer-style blocks."""
+"""Perceive-IR guidance modules (docs/method.md §2.3, §3): CFE, SGM, PGM, PGCA/ETB and Restormer-style blocks."""
 from .cfe import CFE, make_positive_view
 from .pgca import ETB, PGCA, PGCABlock
 from .pgm import PGM

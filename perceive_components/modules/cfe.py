@@ -1,4 +1,4 @@
-"""CFE: compact feature extractor giving the degradation embedding Z (SPEC.md §2.3).
+"""CFE: compact feature extractor giving the degradation embedding Z (docs/method.md §2.3).
 
 Code form (authors' code, default), input = the raw degraded image (B, 3, H, W), any H, W:
 

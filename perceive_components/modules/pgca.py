@@ -1,4 +1,4 @@
-"""PGCA (prior-guided cross attention) and ETB (enhanced transformer block), SPEC.md §3.3.
+"""PGCA (prior-guided cross attention) and ETB (enhanced transformer block), docs/method.md §3.3.
 
 PGCA(x, g) is Restormer's transposed attention with the *guidance* g as query:
 
@@ -89,7 +89,7 @@ class PGCABlock(nn.Module):
 
 
 class ETB(nn.Module):
-    """Enhanced transformer block: ``(x, Y) (B, C, H, W) each -> (B, C, H, W)`` (SPEC §3.3).
+    """Enhanced transformer block: ``(x, Y) (B, C, H, W) each -> (B, C, H, W)`` (docs/method.md §3.3).
 
     Args:
         channels, heads: width and attention heads. expansion: GDFN expansion (2.66).

@@ -1,4 +1,4 @@
-"""PGM: prompt guidance by FiLM from a semantic prior and the degradation embedding (SPEC.md §3.2).
+"""PGM: prompt guidance by FiLM from a semantic prior and the degradation embedding (docs/method.md §3.2).
 
 Code form (authors' code, default), per level with C channels:
 

@@ -1,6 +1,6 @@
 """Restormer-style building blocks: channel LayerNorm, MDTA, GDFN and the plain transformer block.
 
-Used by ETB/PGCA (SPEC.md §3.3) and by the paper's own network (SPEC.md §3.4, examples/). Written from
+Used by ETB/PGCA (docs/method.md §3.3) and by the paper's own network (docs/method.md §3.4, examples/). Written from
 the equations of Zamir et al., "Restormer" (CVPR 2022):
 
     LayerNorm2d:  y = (x − μ_c) / sqrt(σ²_c + ε) · w + b        statistics over channels, per pixel

@@ -1,4 +1,4 @@
-"""SGM: semantic guidance from a frozen DINOv2 (SPEC.md §3.1).
+"""SGM: semantic guidance from a frozen DINOv2 (docs/method.md §3.1).
 
     x   = normalize_imagenet( bicubic_resize(I, 224×224) )        I: the degraded image, any H × W
     t_b = output tokens of ViT block b (before the final norm)      b ∈ blocks = (1, 4, 8, 12)

@@ -1,4 +1,4 @@
-"""Proxy negatives computed online: frozen, weaker restorers run on the degraded batch (SPEC.md §2.2).
+"""Proxy negatives computed online: frozen, weaker restorers run on the degraded batch (docs/method.md §2.2).
 
 Each proxy j covers a set of tasks (``None``: all); its output is a negative only for the samples whose
 task it covers (mask m_j(b)). A proxy runs only on those samples, without gradients, under autocast

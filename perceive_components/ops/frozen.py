@@ -1,4 +1,4 @@
-"""Holding frozen pretrained networks outside ``state_dict()`` and ``parameters()`` (DESIGN.md §3).
+"""Holding frozen pretrained networks outside ``state_dict()`` and ``parameters()``.
 
 A component that uses a frozen CLIP, DINOv2, VGG or proxy restorer keeps it as a *hidden* attribute:
 it follows the owner through ``.to()``, ``.cuda()``, ``.half()`` and ``.train()``/``.eval()``, is always

@@ -18,7 +18,7 @@ from .validation import check_positive_int
 def pad_to_multiple(images: torch.Tensor, multiple: int, mode: str = "reflect") -> tuple[torch.Tensor, tuple[int, int]]:
     """Pad bottom/right to a multiple of ``multiple``; returns the padded batch and the original (H, W).
 
-    ``mode`` is ``'reflect'`` (SPEC §1.2, stage-1 rendering) or ``'replicate'`` (SPEC §4, evaluation);
+    ``mode`` is ``'reflect'`` (docs/method.md §1.2, stage-1 rendering) or ``'replicate'`` (docs/method.md §4, evaluation);
     reflect falls back to replicate where the image is too small to reflect.
     """
     height, width = images.shape[-2:]

@@ -1,4 +1,4 @@
-"""Input checks shared by every public entry point (DESIGN.md §3).
+"""Input checks shared by every public entry point.
 
 Each check names the argument, says what was expected and what came. They run once, at the public
 boundary; internal code trusts its inputs. Value checks (finite, range) cost one fused reduction each and

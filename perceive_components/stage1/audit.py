@@ -1,4 +1,4 @@
-"""Perceiver audit on triplets (SPEC.md §1.3): does it order degraded < medium < clean?
+"""Perceiver audit on triplets (docs/method.md §1.3): does it order degraded < medium < clean?
 
 Per triplet the three images are brought to a common size (top-left crop to the smallest, bicubic
 upscale if the short side is below the CLIP input size S) and scored on ``views``: ``"five"`` S×S crops

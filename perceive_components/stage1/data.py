@@ -151,7 +151,7 @@ class PairImages(Dataset):
 def shared_crop(images: Sequence[torch.Tensor], size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """One random ``size × size`` window and one random horizontal flip applied to every image.
 
-    Images whose short side is below ``size`` are first upscaled (bicubic, aspect kept), as in SPEC §1.3.
+    Images whose short side is below ``size`` are first upscaled (bicubic, aspect kept), as in docs/method.md §1.3.
     """
     height, width = images[0].shape[-2:]
     if min(height, width) < size:

@@ -1,4 +1,4 @@
-"""K-fold split by a stable hash of the path relative to the data root (SPEC.md §1.2).
+"""K-fold split by a stable hash of the path relative to the data root (docs/method.md §1.2).
 
 The authors hash the absolute path, so folds change when data moves. Here the key is the *clean*
 image's POSIX path relative to the data root: moving the root keeps every fold, and all degraded versions

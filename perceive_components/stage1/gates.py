@@ -1,4 +1,4 @@
-"""Sanity gates on medium images, per task (SPEC.md §1.2): are the three tiers well separated?
+"""Sanity gates on medium images, per task (docs/method.md §1.2): are the three tiers well separated?
 
 For each triplet:  improved = PSNR(I_m, I_g) > PSNR(I_d, I_g)
                    r        = 1 − MSE(I_m, I_g) / MSE(I_d, I_g)    (progress from degraded to clean)

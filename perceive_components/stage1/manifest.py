@@ -1,4 +1,4 @@
-"""Stage-1 manifests: JSON Lines of relative paths, one image pair or triplet per line (SPEC.md §1.2).
+"""Stage-1 manifests: JSON Lines of relative paths, one image pair or triplet per line (docs/method.md §1.2).
 
 Pair lines:    {"degraded": "noise/degraded/a.png", "clean": "noise/clean/a.png", "task": "noise", "fold": 0}
 Triplet lines: the same plus "medium": "medium/noise/a.png".

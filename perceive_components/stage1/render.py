@@ -1,4 +1,4 @@
-"""Medium-quality images by K-fold cross-validation (SPEC.md §1.2), for any restorer.
+"""Medium-quality images by K-fold cross-validation (docs/method.md §1.2), for any restorer.
 
 For each fold k a fresh restorer from ``factory()`` is trained with L1 on the pairs of the *other* folds
 and renders the degraded images of fold k (whole images, tiled, reflect-padded to a multiple of 8,

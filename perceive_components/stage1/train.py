@@ -1,4 +1,4 @@
-"""Stage-1 prompt training (SPEC.md §1.3).
+"""Stage-1 prompt training (docs/method.md §1.3).
 
 Only the prompt context learns. Each step draws a task-balanced batch of B triplets, crops each triplet
 with one shared random window and flip, and minimises the three-way cross-entropy
@@ -118,7 +118,7 @@ def train_prompts(
         lr, min_lr, weight_decay: AdamW (decoupled weight decay on the context), cosine from lr to min_lr.
         crop_size: shared random crop (upscaled first if an image is smaller); use the CLIP input size (the
             authors' 224) or the crops are resized by the perceiver's own preprocessing.
-        task_balanced: equal share of each task in every batch (SPEC §1.3).
+        task_balanced: equal share of each task in every batch (docs/method.md §1.3).
         checkpoint: file for resumable state; an existing file from the same run is resumed.
         amp_dtype: e.g. ``torch.bfloat16`` to run the text tower under autocast on GPU.
     """
