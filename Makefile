@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py --out outputs/demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile  # two workers: the 2-core CI machine
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_perceiver.py

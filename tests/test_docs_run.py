@@ -46,6 +46,8 @@ def blocks(page: Path) -> list[tuple[str, str]]:
         first = code.splitlines()[0] if code.strip() else ""
         skipped = SKIP.match(first.strip())
         if skipped is None:
+            installs = re.search(r"^\s*(pip|python -m pip|make)\b", code, re.M)
+            assert installs is None, f"{page}: a block that installs or runs make must be skipped: {code[:80]!r}"
             found.append((language, code))
         elif not skipped.group(1).strip():
             raise AssertionError(f"{page}: a skipped block must say why: {first!r}")

@@ -17,14 +17,14 @@ from .fitting import PADDINGS, SMALL_IMAGE_RULES, fit_image, fit_size, pad_to, r
 from .layouts import LAYOUTS, NOISE_SIGMAS, AllInOneTrainSet, PairedTestSet, standard_test_sets
 from .noisy_test_sets import noisy_test_images, write_noisy_test_sets
 from .paired import PairedCrops, draw_crop, paired_crops
-from .pairing import TASK_FOLDERS, find_pairs
+from .pairing import TASK_FOLDERS, LayoutError, find_pairs
 from .scan import ImageScanError, ScanResult, scan_images
 from .task_batches import TaskMixingBatchSampler
 from .tasks import PROMPTIR_DE_IDS, STANDARD_TASKS, TaskVocabulary
 
 __all__ = [
     "LAYOUTS", "NOISE_SIGMAS", "PADDINGS", "PROMPTIR_DE_IDS", "SMALL_IMAGE_RULES", "STANDARD_TASKS", "TASK_FOLDERS",
-    "AllInOneTrainSet", "CropFlip", "ImageScanError", "PairedCrops", "PairedTestSet", "ScanResult",
+    "AllInOneTrainSet", "CropFlip", "ImageScanError", "LayoutError", "PairedCrops", "PairedTestSet", "ScanResult",
     "TaskMixingBatchSampler", "TaskVocabulary", "add_gaussian_noise", "add_haze", "add_rain", "centre_crop_to_multiple",
     "crop_flip", "degrade", "draw_crop", "find_pairs", "fit_image", "fit_size", "noisy_test_images", "pad_to",
     "paired_crops", "resize_bicubic_8bit", "scan_images", "standard_test_sets", "write_noisy_test_sets",
