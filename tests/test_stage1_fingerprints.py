@@ -15,7 +15,8 @@ from perceive_components.stage1 import (
     PairImages, TripletImages, build_triplets, read_jsonl, render_medium, scan_pairs, train_fold_restorer,
     train_prompts,
 )
-from perceive_components.stage1.fingerprints import file_sha256, state_sha256
+from perceive_components.ops.checkpoint import state_sha256
+from perceive_components.stage1.fingerprints import file_sha256
 from perceive_components.stage1.render import MEDIUM_KEY
 from stage1_helpers import write_pair_folder
 

@@ -1,6 +1,6 @@
 """Fingerprints of what a render cache was made from: the proxy weights and every input image.
 
-- ``model_fingerprint``: sha1 of a state_dict (names, shapes, dtypes, bytes).
+- ``model_fingerprint``: the state dict's SHA-256 (names, dtypes, shapes, bytes), 16 hex digits.
 - ``image_fingerprint``: sha1 of the input's *decoded 8-bit pixels* (size + RGB bytes). Chosen over the file
   bytes because it names exactly what the proxy saw: it does not change when a file is re-encoded losslessly,
   moved or reached through a symlink, and a data set can compute it for inputs it synthesises in memory
@@ -21,19 +21,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..ops.checkpoint import state_sha256
 from ..ops.io import to_uint8
 
 INPUTS_LOG = "inputs.jsonl"
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """sha1 of the state_dict (names, shapes, bytes): tells renders of different weights apart."""
-    digest = hashlib.sha1()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        # reshape(-1): 0-dim tensors (BatchNorm's num_batches_tracked) cannot be viewed as bytes directly
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    """The first 16 hex digits of the state dict's SHA-256 (``ops.checkpoint.state_sha256``, the hash stage 1
+    records too): tells renders of different weights apart."""
+    return state_sha256(model)[:16]
 
 
 def image_fingerprint(image: torch.Tensor) -> str:

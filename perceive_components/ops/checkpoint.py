@@ -6,6 +6,7 @@ target, so a crash (even SIGKILL) leaves either the old file or the new one, nev
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import tempfile
@@ -111,3 +112,14 @@ def _encode_python_rng(state: tuple) -> dict[str, Any]:
 
 def _decode_python_rng(state: dict[str, Any]) -> tuple:
     return (state["version"], tuple(int(v) for v in state["internal"].tolist()), state["gauss"])
+
+
+def state_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's state dict: names, dtypes, shapes and raw bytes, in state-dict order (0-dim tensors
+    such as BatchNorm's ``num_batches_tracked`` included)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode("utf-8"))
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

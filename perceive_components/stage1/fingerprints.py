@@ -7,7 +7,7 @@ the SHA-256 of what it was made from:
 - ``pairs.jsonl`` / ``triplets.jsonl`` rows: ``degraded_sha256`` and ``clean_sha256`` of the files;
 - a fold model (``fold<k>.safetensors`` metadata): the fingerprint of its training pairs and settings;
 - a medium image (PNG text chunk): its degraded file's hash, the rendering fold model's weights
-  (``state_sha256``) and the render settings;
+  (``ops.checkpoint.state_sha256``) and the render settings;
 - a ``run_stage1`` folder (``recipe.json``): the fold models' architecture (``architecture_sha256``).
 
     file hash      = sha256(file bytes)
@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from torch import nn
 
 ROW_KEYS = ("degraded", "clean", "task", "fold", "degraded_sha256", "clean_sha256")
@@ -63,16 +62,6 @@ def rows_fingerprint(rows: Sequence[dict]) -> str:
     """SHA-256 of the rows' paths, tasks, folds and file hashes (order-independent)."""
     records = sorted(json.dumps({key: row.get(key) for key in ROW_KEYS}, sort_keys=True) for row in rows)
     return hashlib.sha256("\n".join(records).encode("utf-8")).hexdigest()
-
-
-def state_sha256(module: nn.Module) -> str:
-    """SHA-256 of a module's state dict: names, dtypes, shapes and raw bytes, in state-dict order."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        tensor = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode("utf-8"))
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def architecture_sha256(module: nn.Module) -> str:

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..ops.checkpoint import atomic_write, load_state, save_state
+from ..ops.checkpoint import atomic_write, load_state, save_state, state_sha256
 from ..ops.io import read_image, read_png_text, write_image
 from ..ops.tiling import pad_to_multiple, tiled_apply
 from ..ops.validation import check_positive_int
 from .data import PairImages
-from .fingerprints import file_sha256, rows_fingerprint, state_sha256, with_file_digests
+from .fingerprints import file_sha256, rows_fingerprint, with_file_digests
 from .folds import assign_folds
 from .manifest import read_jsonl, write_jsonl
 
