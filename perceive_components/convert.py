@@ -20,8 +20,6 @@ perceiver records ``resize_antialias=False``.
 from __future__ import annotations
 
 import os
-import pickle
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ import torch
 from torch import nn
 
 from .perceiver import QualityPerceiver, create_clip
+from .weights import WeightsError, load_torch_file
 
 AUTHORS_TIERS = ("terrible", "mediocre", "excellent")
 REQUIRED_KEYS = ("prompt_learner", "iteration", "quality_names", "context_length")
@@ -59,17 +58,9 @@ def read_authors_prompts(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"authors' prompt checkpoint {str(path)!r} does not exist or is not a file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        refused = re.search(r"GLOBAL (\S+)", str(error))
-        raise AuthorsCheckpointError(
-            f"{path.name}: torch.load(weights_only=True) refuses to unpickle "
-            f"{refused.group(1) if refused else 'an object in it'}; the authors' prompt checkpoint holds only "
-            "tensors and plain containers, so this is another file. We never unpickle arbitrary objects."
-        ) from error
-    except Exception as error:  # a truncated or foreign file fails anywhere inside the unpickler
-        raise AuthorsCheckpointError(f"{path.name}: not a PyTorch checkpoint ({type(error).__name__}: {error})"
-                                     ) from error
+        checkpoint = load_torch_file(path)
+    except WeightsError as error:  # the authors' file holds only tensors and plain containers: this is another
+        raise AuthorsCheckpointError(f"{path.name}: {error}") from error
     expected = f"a dict with keys {list(REQUIRED_KEYS)} (the authors' stage-1 quality_prompts_*.pth)"
     if not isinstance(checkpoint, Mapping):
         raise AuthorsCheckpointError(f"{path.name}: expected {expected}, got a {type(checkpoint).__name__}")

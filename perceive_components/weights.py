@@ -56,22 +56,30 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
             return load_file(path)
         except Exception as error:  # safetensors raises its own error types for damaged files
             raise WeightsError(f"cannot read {str(path)!r}: truncated or not a safetensors file ({error})") from error
+    checkpoint = load_torch_file(path)
+    if not isinstance(checkpoint, Mapping):
+        raise WeightsError(f"{str(path)!r} holds a {type(checkpoint).__name__}, expected a dict")
+    return checkpoint
+
+
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors, numbers, strings and plain containers load,
+    nothing else is unpickled. A file that needs more (a pickled class or function) or a damaged one raises a
+    ``WeightsError`` that names the refused object or says the file is not a PyTorch checkpoint."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         if refused:
-            raise WeightsError(f"{str(path)!r} holds a Python object ({refused.group(1)}) that torch.load("
-                               "weights_only=True) refuses to unpickle, and arbitrary objects are never unpickled "
-                               "here; re-save its tensors as a plain state dict in an environment you trust") from error
+            name = refused.group(1)
+            raise WeightsError(f"{str(path)!r} holds a Python object, {name}: torch.load(weights_only=True) refuses "
+                               f"to unpickle {name}, and arbitrary objects are never unpickled here; re-save its "
+                               "tensors as a plain state dict in an environment you trust") from error
         raise WeightsError(f"cannot read {str(path)!r}: truncated or not a PyTorch checkpoint (the unpickler met "
                            "invalid data)") from error
     except Exception as error:  # a damaged file can fail anywhere inside the unpickler
         raise WeightsError(f"cannot read {str(path)!r}: truncated or not a PyTorch checkpoint "
                            f"({type(error).__name__}: {error})") from error
-    if not isinstance(checkpoint, Mapping):
-        raise WeightsError(f"{str(path)!r} holds a {type(checkpoint).__name__}, expected a dict")
-    return checkpoint
 
 
 def _is_state_dict(value: object) -> bool:
