@@ -77,12 +77,10 @@ def tiny_dinov2(seed: int = 0, **overrides: Any) -> nn.Module:
 
 
 def tiny_sgm(blocks: int | tuple[int, ...] = 4, seed: int = 0, **kwargs: Any):
-    """An ``SGM`` on ``tiny_dinov2(seed)`` at 56² input; ``blocks``: one prior per guided level (int = how many,
-    spread over the 2 blocks: 4 → (1, 1, 2, 2))."""
+    """An ``SGM`` on ``tiny_dinov2(seed)`` at 56² input; ``blocks``: one prior per guided level (an int is spread
+    over the 2 blocks as ``SGM`` spreads it: 4 → (1, 1, 2, 2))."""
     from .modules.sgm import SGM
 
-    if isinstance(blocks, int) and not isinstance(blocks, bool):
-        blocks = tuple(1 + (2 * i) // blocks for i in range(blocks))
     return SGM(tiny_dinov2(seed), blocks=blocks, image_size=TINY_DINOV2_SIZE, **kwargs)
 
 

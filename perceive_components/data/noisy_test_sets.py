@@ -21,15 +21,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..ops.io import IMAGE_SUFFIXES
+from .crops import centre_crop_to_multiple
+
 PROTOCOL_SIGMAS = {"3task": (15, 25, 50), "5task": (25,)}
 FIVE_TASK_SEED = 3407
 
 
 def crop_to_multiple(image: np.ndarray, base: int = 16) -> np.ndarray:
-    """Centre-crop an ``(H, W, C)`` array to multiples of ``base`` (⌊r/2⌋ of the remainder r off the top/left)."""
-    height, width = image.shape[:2]
-    cut_h, cut_w = height % base, width % base
-    return image[cut_h // 2: height - cut_h + cut_h // 2, cut_w // 2: width - cut_w + cut_w // 2]
+    """Centre-crop an ``(H, W, C)`` array to multiples of ``base`` (the box of ``centre_crop_to_multiple``)."""
+    top, left, height, width = centre_crop_to_multiple(*image.shape[:2], base=base)
+    return image[top: top + height, left: left + width]
 
 
 def noisy_test_images(clean: Sequence[np.ndarray], protocol: str = "3task",
@@ -68,8 +70,7 @@ def write_noisy_test_sets(clean_dir: str | os.PathLike, root: str | os.PathLike,
     ``<root>/<name>-sigma<σ>/{degraded,target}/<stem>.png``; returns the set folders."""
     from PIL import Image
 
-    paths = sorted(p for p in Path(clean_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp",
-                                                                               ".tif", ".tiff"))
+    paths = sorted(p for p in Path(clean_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise FileNotFoundError(f"no images in {str(clean_dir)!r}")
     clean = []
